@@ -1,0 +1,372 @@
+"""Train a language model on a text: the notes' training loop, made into a tool.
+
+Top to bottom, as nanoGPT's train.py: config, data, model, optimizer, loop.
+Per epoch it reports training and validation perplexity, tokens/s and the
+model's continuation of a few prefixes; it writes ``metrics.jsonl``, a
+perplexity plot and an atomic checkpoint to the run directory.
+
+    from grulab.train import TrainConfig, train
+    train(TrainConfig(corpus="austen", max_minutes=2, out="runs/austen"))
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .data import build_dataset, min_tokens, num_batches, random_batches, sequential_batches
+from .errors import GrulabError
+from .model import LanguageModel, ModelConfig, count_parameters, detach_state
+
+
+@dataclass
+class TrainConfig:
+    # data
+    corpus: str = "austen"  # a bundled corpus name (austen, tang300, tang-qilu, timemachine) or a path
+    level: str = "char"  # tokens: char or word
+    min_freq: int = 0  # tokens seen fewer times become <unk>
+    d2l_text: bool = False  # the d2l preprocessing: lower case, letters only
+    val_fraction: float = 0.1  # the tail of the corpus held out for validation
+    # model
+    cell: str = "gru"  # gru, lstm or rnn
+    hidden: int = 512  # hidden units per layer
+    layers: int = 1  # recurrent layers
+    dropout: float = 0.0  # dropout between layers and before the output layer
+    embed: int = 64  # embedding width; 0 = one-hot input as in the notes
+    # batches
+    batch_size: int = 64  # sequences per batch
+    num_steps: int = 64  # time steps per sequence (truncated BPTT length)
+    sampling: str = "sequential"  # sequential (state carried, detached) or random (state reset)
+    # optimisation
+    optimizer: str = "adam"  # adam or sgd
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # cosine (warm-up, then decay to lr/10 over the budget) or constant
+    clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    # budget: training stops at whichever ends first
+    epochs: int = 0  # passes over the training text (0 = until --max-minutes)
+    max_minutes: float = 3.0  # wall-clock budget in minutes (0 = until --epochs)
+    # run
+    seed: int = 0  # seeds the model init, the batches and dropout
+    out: str = "runs/latest"  # run directory: checkpoint/, metrics.jsonl, perplexity.png
+    resume: bool = False  # continue the run in --out where it stopped
+    prefixes: list[str] = field(default_factory=list)  # continued every epoch (default: the validation text's start)
+    predict_length: int = 60  # tokens predicted per prefix
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        def bad(flag: str, value, want: str) -> GrulabError:
+            from .errors import UsageError
+
+            return UsageError(f"--{flag.replace('_', '-')} must be {want}, got {value!r}")
+
+        choices = {"level": ("char", "word"), "cell": ("gru", "lstm", "rnn"),
+                   "sampling": ("sequential", "random"), "optimizer": ("adam", "sgd"),
+                   "schedule": ("cosine", "constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, getattr(self, name), "one of " + ", ".join(allowed))
+        for name in ("hidden", "layers", "batch_size", "num_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, v, "a positive integer")
+        for name in ("embed", "epochs", "min_freq", "predict_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(name, v, "an integer >= 0")
+        for name, lo, hi, want in [("lr", 0, math.inf, "a positive number"),
+                                   ("clip", 0, math.inf, "a number >= 0"),
+                                   ("max_minutes", 0, math.inf, "a number >= 0"),
+                                   ("dropout", 0, 1, "in [0, 1)"),
+                                   ("val_fraction", 0, 1, "in [0, 1)")]:
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v < hi
+            if not ok or (name == "lr" and v == 0):
+                raise bad(name, v, want)
+        if self.epochs == 0 and self.max_minutes == 0:
+            raise bad("epochs", 0, "> 0 when --max-minutes is 0 (give the run a budget)")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden=self.hidden, layers=self.layers,
+                           dropout=self.dropout, embed=self.embed)
+
+
+# The notes' settings (d2l, chapter "GRU"): one-hot input, SGD lr 1, clip 1,
+# batch 32 × 35 steps, hidden 256, 500 epochs on the Time Machine.
+PRESETS: dict[str, dict] = {
+    "d2l": dict(cell="gru", hidden=256, layers=1, embed=0, batch_size=32, num_steps=35,
+                sampling="random", optimizer="sgd", lr=1.0, schedule="constant", clip=1.0,
+                epochs=500, max_minutes=0.0, prefixes=["time traveller", "traveller"]),
+}
+
+
+def with_preset(config: TrainConfig, preset: Optional[str]) -> TrainConfig:
+    if preset is None:
+        return config
+    if preset not in PRESETS:
+        raise GrulabError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    return replace(config, **PRESETS[preset])
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return asdict(config)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int = 32, num_steps: int = 64) -> tuple[float, int]:
+    """Mean negative log-likelihood (nats/token) of ``ids`` under the model, and the token count.
+
+    The text is laid out as up to ``batch_size`` contiguous rows and read
+    ``num_steps`` at a time with the state carried, so every token but the
+    first of each row is predicted from all the text before it in its row.
+    """
+    n = len(ids) - 1
+    if n < 1:
+        return float("nan"), 0
+    was_training = model.training
+    model.eval()
+    rows = max(1, min(batch_size, n // max(num_steps, 1)))
+    length = n // rows
+    xs = ids[: rows * length].view(rows, length)  # (R, L)
+    ys = ids[1 : rows * length + 1].view(rows, length)  # (R, L)
+    state, total = None, 0.0
+    for start in range(0, length, num_steps):
+        logits, state = model(xs[:, start : start + num_steps], state)  # (R, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1), ys[:, start : start + num_steps].flatten(), reduction="sum").item()
+    model.train(was_training)
+    return total / (rows * length), rows * length
+
+
+def lr_at(config: TrainConfig, progress: float) -> float:
+    """The learning rate at ``progress`` ∈ [0, 1] of the budget."""
+    if config.schedule == "constant":
+        return config.lr
+    warmup = 0.02
+    if progress < warmup:
+        return config.lr * (0.1 + 0.9 * progress / warmup)
+    p = min(1.0, (progress - warmup) / (1 - warmup))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train as ``config`` says; return the last epoch's metrics.
+
+    Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt; a NaN or
+    infinite loss raises GrulabError and leaves the last good checkpoint.
+    """
+    from .generate import predict  # generation imports the model; keep train importable alone
+
+    out = Path(config.out)
+    # -------------------------------------------------------------- resume or start
+    resumed = None
+    if config.resume:
+        resumed = checkpoint.load(out, with_training_state=True)
+        saved = config_from_dict(resumed.train)
+        # the run's own settings win; only the budget may be extended from the command line
+        config = replace(saved, epochs=config.epochs or saved.epochs, max_minutes=config.max_minutes,
+                         out=config.out, resume=True, progress=config.progress)
+    torch.manual_seed(config.seed)
+
+    # -------------------------------------------------------------- data
+    data = build_dataset(config.corpus, config.level, config.min_freq, config.d2l_text, config.val_fraction)
+    vocab = data.vocab
+    if resumed is not None and resumed.vocab != vocab:
+        raise GrulabError(f"the corpus {config.corpus!r} no longer gives the vocabulary saved in {resumed.path}; "
+                          "resume with the same corpus or start a new run in another --out")
+    batches = sequential_batches if config.sampling == "sequential" else random_batches
+    per_epoch = num_batches(len(data.train_ids), config.batch_size, config.num_steps, config.sampling)
+    if per_epoch < 1:
+        need = min_tokens(config.batch_size, config.num_steps, config.sampling)
+        raise GrulabError(f"corpus {config.corpus!r} is too short for one batch: {len(data.train_ids):,} training "
+                          f"tokens, {need:,} needed; lower --batch-size or --num-steps, or use a longer text")
+    prefixes = config.prefixes or [vocab.decode(data.val_ids[:8] if len(data.val_ids) >= 8 else data.train_ids[:8])]
+
+    # -------------------------------------------------------------- model and optimizer
+    model = resumed.model if resumed is not None else LanguageModel(config.model_config(len(vocab)))
+    model.train()
+    params = list(model.parameters())
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=config.lr)
+    else:
+        opt = torch.optim.SGD(params, lr=config.lr)
+    progress = dict(epoch=0, batch=0, step=0, tokens=0, elapsed=0.0)
+    batch_gen = torch.Generator().manual_seed(config.seed)
+    epoch_gen_state = batch_gen.get_state()
+    state = None
+    if resumed is not None:
+        if resumed.optimizer is not None:
+            opt.load_state_dict(resumed.optimizer)
+        progress.update(resumed.progress)
+        extra = resumed.extra
+        if "batch_gen" in extra:
+            epoch_gen_state = extra["batch_gen"]
+        if "torch_rng" in extra:
+            torch.set_rng_state(extra["torch_rng"])
+        if "state_h" in extra:
+            state = (extra["state_h"], extra["state_c"]) if "state_c" in extra else extra["state_h"]
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if resumed is None:
+        metrics_path.write_text("")
+
+    budget_s = config.max_minutes * 60
+    total_steps = config.epochs * per_epoch
+
+    def budget_progress(elapsed: float, step: int) -> float:
+        p = [elapsed / budget_s if budget_s else 0.0, step / total_steps if total_steps else 0.0]
+        return min(1.0, max(p))
+
+    def save(batch_in_epoch: int, carried) -> Path:
+        extra = {"batch_gen": epoch_gen_state, "torch_rng": torch.get_rng_state()}
+        if carried is not None:
+            if isinstance(carried, tuple):
+                extra["state_h"], extra["state_c"] = carried
+            else:
+                extra["state_h"] = carried
+        return checkpoint.save(out, model, vocab, config_to_dict(config),
+                               dict(progress, batch=batch_in_epoch), opt, extra)
+
+    _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
+         f"{config.level} tokens, vocab {len(vocab)}), {config.cell} {config.layers}×{config.hidden}, "
+         f"{count_parameters(model):,} parameters, {per_epoch} batches of {config.batch_size}×{config.num_steps} per epoch"
+         + (f", resumed at epoch {progress['epoch'] + 1}" if resumed is not None else ""))
+
+    # -------------------------------------------------------------- the loop
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), disable=not config.progress,
+                   transient=True)
+    last: dict = {}
+    start_time = time.perf_counter() - progress["elapsed"]
+    done = False
+    with bar:
+        while not done:
+            epoch = progress["epoch"] + 1
+            if config.epochs and epoch > config.epochs:
+                break
+            batch_gen.set_state(epoch_gen_state)  # the epoch's batches, reproducible on resume
+            skip = progress["batch"]
+            if skip == 0:
+                state = None
+            task = bar.add_task("train", total=per_epoch, epoch=epoch, loss=float("nan"), completed=skip)
+            epoch_loss, epoch_tokens, t_epoch = 0.0, 0, time.perf_counter()
+            b = skip
+            try:
+                for b, (X, Y) in enumerate(batches(data.train_ids, config.batch_size, config.num_steps, batch_gen)):
+                    if b < skip:
+                        continue
+                    elapsed = time.perf_counter() - start_time
+                    if budget_s and elapsed >= budget_s:
+                        done = True
+                        break
+                    # state: carried (detached) for sequential batches, fresh for random ones
+                    state = detach_state(state) if config.sampling == "sequential" else None
+                    for g in opt.param_groups:
+                        g["lr"] = lr_at(config, budget_progress(elapsed, progress["step"]))
+                    logits, state = model(X, state)  # (B, T, V)
+                    loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
+                    if not torch.isfinite(loss):
+                        where = checkpoint.find(out) if (out / checkpoint.CHECKPOINT).exists() else None
+                        raise GrulabError(
+                            f"training diverged at epoch {epoch}, batch {b + 1}: the loss is {loss.item()}; "
+                            + (f"the last good checkpoint is kept in {where}; " if where else "no checkpoint was saved yet; ")
+                            + "lower --lr or set --clip"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, config.clip)
+                    opt.step()
+                    n_tok = Y.numel()
+                    epoch_loss += loss.item() * n_tok
+                    epoch_tokens += n_tok
+                    progress["step"] += 1
+                    progress["tokens"] += n_tok
+                    bar.update(task, advance=1, loss=loss.item())
+                else:
+                    b = per_epoch
+            except KeyboardInterrupt:
+                progress["elapsed"] = time.perf_counter() - start_time
+                where = save(b, detach_state(state))
+                bar.stop()
+                _log(f"interrupted: checkpoint saved to {where}; continue with --resume --out {out}")
+                raise
+            bar.remove_task(task)
+            if epoch_tokens == 0:
+                break
+            # ---------------------------------------------------------- end of epoch: evaluate, report, save
+            progress["elapsed"] = time.perf_counter() - start_time
+            epoch_time = time.perf_counter() - t_epoch
+            train_ppl = math.exp(epoch_loss / epoch_tokens)
+            val_nll, _ = evaluate(model, data.val_ids, 32, config.num_steps)
+            val_ppl = math.exp(val_nll) if val_nll == val_nll else float("nan")
+            finished_epoch = b >= per_epoch
+            last = dict(epoch=epoch if finished_epoch else epoch - 1 + b / per_epoch, step=progress["step"],
+                        tokens=progress["tokens"], train_ppl=train_ppl, val_ppl=val_ppl,
+                        tokens_per_s=epoch_tokens / max(epoch_time, 1e-9), elapsed=progress["elapsed"],
+                        lr=opt.param_groups[0]["lr"])
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(last) + "\n")
+            samples = {p: predict(model, vocab, p, config.predict_length) for p in prefixes}
+            bar.console.print(
+                f"epoch {last['epoch']:.2f}  train ppl {train_ppl:.3f}  val ppl {val_ppl:.3f}  "
+                f"{last['tokens_per_s']:,.0f} tok/s  lr {last['lr']:.2e}  {progress['elapsed']:.0f}s",
+                highlight=False,
+            )
+            for p, s in samples.items():
+                bar.console.print(f"  {p!r} -> {s!r}", highlight=False, markup=False)
+            if finished_epoch:
+                progress["epoch"] = epoch
+                progress["batch"] = 0
+                epoch_gen_state = batch_gen.get_state()
+                save(0, None)
+            else:  # the budget ended mid-epoch: save the position, so --resume goes on from here
+                save(b, detach_state(state))
+            if on_epoch is not None:
+                on_epoch(last)
+    plot_metrics(metrics_path, out / "perplexity.png")
+    return last
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
+    """Training and validation perplexity against epoch, as a PNG."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["epoch"] for r in rows], [r["train_ppl"] for r in rows], marker="o", label="train")
+    ax.plot([r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
