@@ -75,7 +75,22 @@ def _given(args: argparse.Namespace, cls) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train, with_preset
 
-    config = replace(with_preset(TrainConfig(), args.preset), **_given(args, TrainConfig))
+    given = _given(args, TrainConfig)
+    if given.get("resume"):
+        # a resumed run keeps its own settings; only the budget and the reporting may change
+        from . import checkpoint
+        from .train import config_from_dict
+
+        allowed = {"resume", "out", "epochs", "max_minutes", "progress", "prefixes", "predict_length", "eval_every"}
+        changed = sorted(set(given) - allowed)
+        if changed or args.preset:
+            flags = ", ".join("--" + c.replace("_", "-") for c in changed) or "--preset"
+            raise UsageError(f"{flags} cannot change on --resume: the run keeps its settings; "
+                             "only --epochs, --max-minutes and reporting flags may be given")
+        saved = config_from_dict(checkpoint.load(Path(given.get("out", TrainConfig().out))).train)
+        config = replace(saved, **given)
+    else:
+        config = replace(with_preset(TrainConfig(), args.preset), **given)
     last = train(config)
     if last:
         print(f"done: val perplexity {last['val_ppl']:.3f}, train perplexity {last['train_ppl']:.3f}, "

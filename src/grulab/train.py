@@ -58,6 +58,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in --out where it stopped
     prefixes: list[str] = field(default_factory=list)  # continued every epoch (default: the validation text's start)
     predict_length: int = 60  # tokens predicted per prefix
+    eval_every: int = 0  # also evaluate every N batches (0 = at the end of each epoch only)
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -76,7 +77,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise bad(name, v, "a positive integer")
-        for name in ("embed", "epochs", "min_freq", "predict_length"):
+        for name in ("embed", "epochs", "min_freq", "predict_length", "eval_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise bad(name, v, "an integer >= 0")
@@ -254,6 +255,28 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
                    transient=True)
     last: dict = {}
     start_time = time.perf_counter() - progress["elapsed"]
+    seg = dict(loss=0.0, tokens=0, train_s=0.0)  # training since the last report
+
+    def report(epoch_pos: float) -> dict:
+        """Evaluate, append a metrics line and print it with the predictions."""
+        progress["elapsed"] = time.perf_counter() - start_time
+        val_nll, _ = evaluate(model, data.val_ids, 32, config.num_steps)
+        row = dict(epoch=round(epoch_pos, 4), step=progress["step"], tokens=progress["tokens"],
+                   train_ppl=math.exp(seg["loss"] / max(seg["tokens"], 1)), val_ppl=math.exp(val_nll),
+                   tokens_per_s=seg["tokens"] / max(seg["train_s"], 1e-9), elapsed=progress["elapsed"],
+                   lr=opt.param_groups[0]["lr"])
+        seg.update(loss=0.0, tokens=0, train_s=0.0)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.console.print(
+            f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  val ppl {row['val_ppl']:.3f}  "
+            f"{row['tokens_per_s']:,.0f} tok/s  lr {row['lr']:.2e}  {row['elapsed']:.0f}s", highlight=False)
+        for p in prefixes:
+            bar.console.print(f"  {predict(model, vocab, p, config.predict_length)!r}", highlight=False, markup=False)
+        if on_epoch is not None:
+            on_epoch(row)
+        return row
+
     done = False
     with bar:
         while not done:
@@ -265,26 +288,25 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
             if skip == 0:
                 state = None
             task = bar.add_task("train", total=per_epoch, epoch=epoch, loss=float("nan"), completed=skip)
-            epoch_loss, epoch_tokens, t_epoch = 0.0, 0, time.perf_counter()
-            b = skip
+            b = skip  # batches of this epoch done
             try:
-                for b, (X, Y) in enumerate(batches(data.train_ids, config.batch_size, config.num_steps, batch_gen)):
-                    if b < skip:
+                for i, (X, Y) in enumerate(batches(data.train_ids, config.batch_size, config.num_steps, batch_gen)):
+                    if i < skip:
                         continue
-                    elapsed = time.perf_counter() - start_time
-                    if budget_s and elapsed >= budget_s:
+                    t0 = time.perf_counter()
+                    if budget_s and t0 - start_time >= budget_s:
                         done = True
                         break
                     # state: carried (detached) for sequential batches, fresh for random ones
                     state = detach_state(state) if config.sampling == "sequential" else None
                     for g in opt.param_groups:
-                        g["lr"] = lr_at(config, budget_progress(elapsed, progress["step"]))
+                        g["lr"] = lr_at(config, budget_progress(t0 - start_time, progress["step"]))
                     logits, state = model(X, state)  # (B, T, V)
                     loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
                     if not torch.isfinite(loss):
                         where = checkpoint.find(out) if (out / checkpoint.CHECKPOINT).exists() else None
                         raise GrulabError(
-                            f"training diverged at epoch {epoch}, batch {b + 1}: the loss is {loss.item()}; "
+                            f"training diverged at epoch {epoch}, batch {i + 1}: the loss is {loss.item()}; "
                             + (f"the last good checkpoint is kept in {where}; " if where else "no checkpoint was saved yet; ")
                             + "lower --lr or set --clip"
                         )
@@ -293,14 +315,15 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
                     if config.clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, config.clip)
                     opt.step()
-                    n_tok = Y.numel()
-                    epoch_loss += loss.item() * n_tok
-                    epoch_tokens += n_tok
+                    b = i + 1
                     progress["step"] += 1
-                    progress["tokens"] += n_tok
+                    progress["tokens"] += Y.numel()
+                    seg["loss"] += loss.item() * Y.numel()
+                    seg["tokens"] += Y.numel()
+                    seg["train_s"] += time.perf_counter() - t0
                     bar.update(task, advance=1, loss=loss.item())
-                else:
-                    b = per_epoch
+                    if config.eval_every and progress["step"] % config.eval_every == 0 and b < per_epoch:
+                        last = report(epoch - 1 + b / per_epoch)
             except KeyboardInterrupt:
                 progress["elapsed"] = time.perf_counter() - start_time
                 where = save(b, detach_state(state))
@@ -308,38 +331,19 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
                 _log(f"interrupted: checkpoint saved to {where}; continue with --resume --out {out}")
                 raise
             bar.remove_task(task)
-            if epoch_tokens == 0:
-                break
-            # ---------------------------------------------------------- end of epoch: evaluate, report, save
-            progress["elapsed"] = time.perf_counter() - start_time
-            epoch_time = time.perf_counter() - t_epoch
-            train_ppl = math.exp(epoch_loss / epoch_tokens)
-            val_nll, _ = evaluate(model, data.val_ids, 32, config.num_steps)
-            val_ppl = math.exp(val_nll) if val_nll == val_nll else float("nan")
-            finished_epoch = b >= per_epoch
-            last = dict(epoch=epoch if finished_epoch else epoch - 1 + b / per_epoch, step=progress["step"],
-                        tokens=progress["tokens"], train_ppl=train_ppl, val_ppl=val_ppl,
-                        tokens_per_s=epoch_tokens / max(epoch_time, 1e-9), elapsed=progress["elapsed"],
-                        lr=opt.param_groups[0]["lr"])
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(last) + "\n")
-            samples = {p: predict(model, vocab, p, config.predict_length) for p in prefixes}
-            bar.console.print(
-                f"epoch {last['epoch']:.2f}  train ppl {train_ppl:.3f}  val ppl {val_ppl:.3f}  "
-                f"{last['tokens_per_s']:,.0f} tok/s  lr {last['lr']:.2e}  {progress['elapsed']:.0f}s",
-                highlight=False,
-            )
-            for p, s in samples.items():
-                bar.console.print(f"  {p!r} -> {s!r}", highlight=False, markup=False)
-            if finished_epoch:
+            # ---------------------------------------------------------- end of epoch (or budget): report, save
+            if seg["tokens"]:
+                last = report(epoch - 1 + b / per_epoch)
+            if b >= per_epoch:
                 progress["epoch"] = epoch
                 progress["batch"] = 0
                 epoch_gen_state = batch_gen.get_state()
                 save(0, None)
-            else:  # the budget ended mid-epoch: save the position, so --resume goes on from here
+            elif b > skip:  # the budget ended mid-epoch: save the position, so --resume goes on from here
+                progress["batch"] = b
                 save(b, detach_state(state))
-            if on_epoch is not None:
-                on_epoch(last)
+            else:
+                break
     plot_metrics(metrics_path, out / "perplexity.png")
     return last
 

@@ -1,0 +1,159 @@
+"""RNN, GRU and LSTM under equal conditions, and hyperparameter sweeps: the notes' exercises.
+
+Every run gets the same data, seed and budget; only the cell (or the swept
+setting) differs. The results go to the terminal (a rich table), to
+``results.md`` and ``results.csv``, and to ``perplexity.png`` (validation
+perplexity against epoch and against wall time, all runs on one figure).
+
+    grulab compare --cells rnn,gru,lstm --corpus austen --max-minutes 1 --out runs/cmp
+    grulab compare --sweep hidden=64,128,256 --max-minutes 1 --out runs/sweep
+"""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Optional
+
+from .errors import UsageError
+from .model import count_parameters
+from .train import TrainConfig, read_metrics, train
+
+SWEEPABLE = ("hidden", "lr", "num_steps", "layers", "embed", "batch_size", "dropout")
+
+
+def parse_sweep(spec: str) -> tuple[str, list]:
+    """``"hidden=64,128"`` -> ("hidden", [64, 128]), typed as the TrainConfig field."""
+    name, sep, values = spec.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or not values.strip():
+        raise UsageError(f"--sweep {spec!r}: expected NAME=V1,V2,... e.g. hidden=64,128,256")
+    if name not in SWEEPABLE:
+        raise UsageError(f"--sweep {spec!r}: cannot sweep {name!r}; choose one of {', '.join(SWEEPABLE)}")
+    kind = type(getattr(TrainConfig(), name))
+    try:
+        parsed = [kind(v.strip()) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--sweep {spec!r}: {name} takes {kind.__name__} values") from None
+    return name, parsed
+
+
+def time_to_reach(rows: list[dict], target: float) -> Optional[float]:
+    """Seconds until the validation perplexity first reached ``target`` (None if never)."""
+    for r in rows:
+        if r["val_ppl"] <= target:
+            return r["elapsed"]
+    return None
+
+
+def run(cells: str, overrides: dict, sweep: Optional[str], out: Path, target_ppl: Optional[float] = None) -> list[dict]:
+    """Train each variant and write the comparison; return one result row per run."""
+    base = TrainConfig(**{k: v for k, v in overrides.items() if k in {f.name for f in fields(TrainConfig)}})
+    if sweep:
+        name, values = parse_sweep(sweep)
+        variants = [(f"{name}={v}", {name: v}) for v in values]
+    else:
+        names = [c.strip() for c in cells.split(",") if c.strip()]
+        bad = [c for c in names if c not in ("rnn", "gru", "lstm")]
+        if bad or not names:
+            raise UsageError(f"--cells {cells!r}: unknown cell {', '.join(bad) or '(none)'}; use a comma-separated "
+                             "subset of rnn,gru,lstm")
+        variants = [(c, {"cell": c}) for c in names]
+    out.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for label, change in variants:
+        config = replace(base, out=str(out / label.replace("=", "-")), resume=False, **change)
+        print(f"\n=== {label} ===", flush=True)
+        last = train(config)
+        from . import checkpoint
+        from .generate import predict
+
+        ckpt = checkpoint.load(Path(config.out))
+        rows = read_metrics(Path(config.out) / "metrics.jsonl")
+        prefix = (config.prefixes or ["The "])[0]
+        results.append(dict(
+            run=label, parameters=count_parameters(ckpt.model),
+            tokens_per_s=statistics.median(r["tokens_per_s"] for r in rows) if rows else math.nan,
+            epochs=last.get("epoch", 0), train_ppl=last.get("train_ppl", math.nan), val_ppl=last.get("val_ppl", math.nan),
+            seconds=rows[-1]["elapsed"] if rows else 0.0, rows=rows,
+            prediction=predict(ckpt.model, ckpt.vocab, prefix, 50),
+        ))
+    if target_ppl is None:  # the worst final perplexity: every run reaches it, the fastest gets there first
+        finals = [r["val_ppl"] for r in results if math.isfinite(r["val_ppl"])]
+        target_ppl = max(finals) if finals else math.inf
+    for r in results:
+        r["time_to_target"] = time_to_reach(r["rows"], target_ppl)
+    write_tables(results, out, target_ppl)
+    plot(results, out / "perplexity.png")
+    print_table(results, target_ppl)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'perplexity.png'}")
+    return results
+
+
+COLUMNS = [("run", "run"), ("parameters", "parameters"), ("tokens_per_s", "tokens/s"), ("epochs", "epochs"),
+           ("train_ppl", "train ppl"), ("val_ppl", "val ppl"), ("time_to_target", "s to target")]
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "never"
+    if key == "parameters":
+        return f"{value:,}"
+    if key == "tokens_per_s":
+        return f"{value:,.0f}"
+    if isinstance(value, float):
+        return f"{value:.2f}" if key in ("epochs", "time_to_target") else f"{value:.3f}"
+    return str(value)
+
+
+def write_tables(results: list[dict], out: Path, target: float) -> None:
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([k for k, _ in COLUMNS] + ["target_ppl", "prediction"])
+        for r in results:
+            w.writerow([r[k] if r[k] is not None else "" for k, _ in COLUMNS] + [target, r["prediction"]])
+    lines = [f"Target validation perplexity: {target:.3f}", "",
+             "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(k, r[k]) for k, _ in COLUMNS) + " |" for r in results]
+    lines += ["", "Predictions (greedy, 50 tokens):", ""]
+    lines += [f"- **{r['run']}**: `{r['prediction']!r}`" for r in results]
+    (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def print_table(results: list[dict], target: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"grulab compare (target val ppl {target:.3f})")
+    for _, header in COLUMNS:
+        table.add_column(header, justify="left" if header == "run" else "right")
+    for r in results:
+        table.add_row(*[_fmt(k, r[k]) for k, _ in COLUMNS])
+    Console().print(table)
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        rows = r["rows"]
+        a.plot([x["epoch"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
+        b.plot([x["elapsed"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
+    for ax, xlabel in ((a, "epoch"), (b, "wall time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("validation perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
