@@ -73,22 +73,13 @@ def _given(args: argparse.Namespace, cls) -> dict:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train, with_preset
+    from .train import TrainConfig, resume_config, train, with_preset
 
     given = _given(args, TrainConfig)
-    if given.get("resume"):
-        # a resumed run keeps its own settings; only the budget and the reporting may change
-        from . import checkpoint
-        from .train import config_from_dict
-
-        allowed = {"resume", "out", "epochs", "max_minutes", "progress", "prefixes", "predict_length", "eval_every"}
-        changed = sorted(set(given) - allowed)
-        if changed or args.preset:
-            flags = ", ".join("--" + c.replace("_", "-") for c in changed) or "--preset"
-            raise UsageError(f"{flags} cannot change on --resume: the run keeps its settings; "
-                             "only --epochs, --max-minutes and reporting flags may be given")
-        saved = config_from_dict(checkpoint.load(Path(given.get("out", TrainConfig().out))).train)
-        config = replace(saved, **given)
+    if given.pop("resume", False):
+        if args.preset:
+            raise UsageError("--preset cannot change on --resume: the run keeps its settings")
+        config = resume_config(given.pop("out", TrainConfig().out), **given)
     else:
         config = replace(with_preset(TrainConfig(), args.preset), **given)
     last = train(config)
@@ -263,9 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except GrulabError as e:
         print(f"grulab: error: {e}", file=sys.stderr)

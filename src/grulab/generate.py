@@ -37,7 +37,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     """Pick the next token from logits (B, V) -> ids (B,). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits / temperature  # (B, V)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V); max 0, so no overflow
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

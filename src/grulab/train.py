@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -115,6 +117,24 @@ def with_preset(config: TrainConfig, preset: Optional[str]) -> TrainConfig:
     return replace(config, **PRESETS[preset])
 
 
+RESUMABLE = ("epochs", "max_minutes", "progress", "prefixes", "predict_length", "eval_every")
+
+
+def resume_config(out, **changes) -> TrainConfig:
+    """The saved config of the run in ``out``, ready to ``train()`` on from where it stopped.
+
+    A resumed run keeps its settings; only the budget and reporting (RESUMABLE) may change.
+    """
+    from .errors import UsageError
+
+    changed = sorted(set(changes) - set(RESUMABLE))
+    if changed:
+        raise UsageError(f"{', '.join('--' + c.replace('_', '-') for c in changed)} cannot change on --resume: "
+                         "the run keeps its settings; only --epochs, --max-minutes and reporting flags may be given")
+    saved = config_from_dict(checkpoint.load(out).train)
+    return replace(saved, out=str(out), resume=True, **changes)
+
+
 def config_to_dict(config: TrainConfig) -> dict:
     return asdict(config)
 
@@ -149,6 +169,35 @@ def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int = 32, num_
     return total / (rows * length), rows * length
 
 
+def perplexity(nll: float) -> float:
+    """exp(mean negative log-likelihood), inf past float range."""
+    return math.exp(nll) if nll < 709 else math.inf
+
+
+class _DeferredInterrupt:
+    """The first Ctrl-C only asks the loop to stop after the current batch (so the
+    checkpoint it saves is consistent); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this batch (Ctrl-C again to quit without saving)", flush=True)
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def lr_at(config: TrainConfig, progress: float) -> float:
     """The learning rate at ``progress`` ∈ [0, 1] of the budget."""
     if config.schedule == "constant":
@@ -177,10 +226,9 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
     resumed = None
     if config.resume:
         resumed = checkpoint.load(out, with_training_state=True)
-        saved = config_from_dict(resumed.train)
-        # the run's own settings win; only the budget may be extended from the command line
-        config = replace(saved, epochs=config.epochs or saved.epochs, max_minutes=config.max_minutes,
-                         out=config.out, resume=True, progress=config.progress)
+        if resumed.model.config != config.model_config(resumed.model.config.vocab_size):
+            raise GrulabError(f"the model in {resumed.path} is not the one this config describes; "
+                              "build the config with grulab.train.resume_config(out)")
     torch.manual_seed(config.seed)
 
     # -------------------------------------------------------------- data
@@ -229,18 +277,11 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
     total_steps = config.epochs * per_epoch
 
     def budget_progress(elapsed: float, step: int) -> float:
-        p = [elapsed / budget_s if budget_s else 0.0, step / total_steps if total_steps else 0.0]
-        return min(1.0, max(p))
-
-    def save(batch_in_epoch: int, carried) -> Path:
-        extra = {"batch_gen": epoch_gen_state, "torch_rng": torch.get_rng_state()}
-        if carried is not None:
-            if isinstance(carried, tuple):
-                extra["state_h"], extra["state_c"] = carried
-            else:
-                extra["state_h"] = carried
-        return checkpoint.save(out, model, vocab, config_to_dict(config),
-                               dict(progress, batch=batch_in_epoch), opt, extra)
+        """How far through the budget: by steps when --epochs is set (so a seeded run is
+        reproducible), else by wall time."""
+        if total_steps:
+            return min(1.0, step / total_steps)
+        return min(1.0, elapsed / budget_s)
 
     _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
          f"{config.level} tokens, vocab {len(vocab)}), {config.cell} {config.layers}×{config.hidden}, "
@@ -257,17 +298,28 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
     start_time = time.perf_counter() - progress["elapsed"]
     seg = dict(loss=0.0, tokens=0, train_s=0.0)  # training since the last report
 
-    def report(epoch_pos: float) -> dict:
-        """Evaluate, append a metrics line and print it with the predictions."""
+    def save(carried) -> None:
+        """Checkpoint the model, the optimizer, the position and what makes the rest reproducible."""
+        extra = {"batch_gen": epoch_gen_state, "torch_rng": torch.get_rng_state()}  # epoch-start batch RNG
+        if carried is not None:  # the hidden state carried into the next batch (sequential sampling)
+            extra.update(zip(("state_h", "state_c"), carried if isinstance(carried, tuple) else (carried,)))
+        checkpoint.save(out, model, vocab, config_to_dict(config), dict(progress), opt, extra)
+
+    def checkpoint_and_report(epoch_pos: float, carried) -> dict:
+        """Evaluate; stop if training diverged; save the checkpoint; log a metrics line and predictions."""
         progress["elapsed"] = time.perf_counter() - start_time
         val_nll, _ = evaluate(model, data.val_ids, 32, config.num_steps)
         row = dict(epoch=round(epoch_pos, 4), step=progress["step"], tokens=progress["tokens"],
-                   train_ppl=math.exp(seg["loss"] / max(seg["tokens"], 1)), val_ppl=math.exp(val_nll),
+                   train_ppl=perplexity(seg["loss"] / max(seg["tokens"], 1)), val_ppl=perplexity(val_nll),
                    tokens_per_s=seg["tokens"] / max(seg["train_s"], 1e-9), elapsed=progress["elapsed"],
                    lr=opt.param_groups[0]["lr"])
+        if math.isinf(row["train_ppl"]) or math.isinf(row["val_ppl"]) or (len(data.val_ids) > 1 and val_nll != val_nll):
+            diverged(f"epoch {row['epoch']:.2f}", f"the perplexity is {row['train_ppl']} (train), {row['val_ppl']} (val)")
         seg.update(loss=0.0, tokens=0, train_s=0.0)
+        save(carried)
         with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                for k, v in row.items()}) + "\n")
         bar.console.print(
             f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  val ppl {row['val_ppl']:.3f}  "
             f"{row['tokens_per_s']:,.0f} tok/s  lr {row['lr']:.2e}  {row['elapsed']:.0f}s", highlight=False)
@@ -277,73 +329,73 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
             on_epoch(row)
         return row
 
+    def diverged(where: str, what: str):
+        kept = checkpoint.find(out) if (out / checkpoint.CHECKPOINT).exists() else None
+        raise GrulabError(f"training diverged at {where}: {what}; "
+                          + (f"the last good checkpoint is kept in {kept}; " if kept else "no checkpoint was saved; ")
+                          + "lower --lr or set --clip")
+
     done = False
-    with bar:
+    with bar, _DeferredInterrupt() as interrupt:
         while not done:
             epoch = progress["epoch"] + 1
             if config.epochs and epoch > config.epochs:
                 break
             batch_gen.set_state(epoch_gen_state)  # the epoch's batches, reproducible on resume
-            skip = progress["batch"]
-            if skip == 0:
+            if progress["batch"] == 0:
                 state = None
-            task = bar.add_task("train", total=per_epoch, epoch=epoch, loss=float("nan"), completed=skip)
-            b = skip  # batches of this epoch done
-            try:
-                for i, (X, Y) in enumerate(batches(data.train_ids, config.batch_size, config.num_steps, batch_gen)):
-                    if i < skip:
-                        continue
-                    t0 = time.perf_counter()
-                    if budget_s and t0 - start_time >= budget_s:
-                        done = True
-                        break
-                    # state: carried (detached) for sequential batches, fresh for random ones
-                    state = detach_state(state) if config.sampling == "sequential" else None
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(config, budget_progress(t0 - start_time, progress["step"]))
-                    logits, state = model(X, state)  # (B, T, V)
-                    loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
-                    if not torch.isfinite(loss):
-                        where = checkpoint.find(out) if (out / checkpoint.CHECKPOINT).exists() else None
-                        raise GrulabError(
-                            f"training diverged at epoch {epoch}, batch {i + 1}: the loss is {loss.item()}; "
-                            + (f"the last good checkpoint is kept in {where}; " if where else "no checkpoint was saved yet; ")
-                            + "lower --lr or set --clip"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if config.clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, config.clip)
-                    opt.step()
-                    b = i + 1
-                    progress["step"] += 1
-                    progress["tokens"] += Y.numel()
-                    seg["loss"] += loss.item() * Y.numel()
-                    seg["tokens"] += Y.numel()
-                    seg["train_s"] += time.perf_counter() - t0
-                    bar.update(task, advance=1, loss=loss.item())
-                    if config.eval_every and progress["step"] % config.eval_every == 0 and b < per_epoch:
-                        last = report(epoch - 1 + b / per_epoch)
-            except KeyboardInterrupt:
-                progress["elapsed"] = time.perf_counter() - start_time
-                where = save(b, detach_state(state))
-                bar.stop()
-                _log(f"interrupted: checkpoint saved to {where}; continue with --resume --out {out}")
-                raise
+            task = bar.add_task("train", total=per_epoch, epoch=epoch, loss=float("nan"), completed=progress["batch"])
+            for i, (X, Y) in enumerate(batches(data.train_ids, config.batch_size, config.num_steps, batch_gen)):
+                if i < progress["batch"]:
+                    continue  # resuming mid-epoch: these batches were trained on
+                if interrupt.requested:  # Ctrl-C: stop between batches, where the state is consistent
+                    progress["elapsed"] = time.perf_counter() - start_time
+                    save(state)
+                    bar.stop()
+                    _log(f"interrupted: checkpoint saved to {out / checkpoint.CHECKPOINT}; "
+                         f"continue with: grulab train --resume --out {out}")
+                    raise KeyboardInterrupt
+                t0 = time.perf_counter()
+                if budget_s and t0 - start_time >= budget_s:
+                    done = True
+                    break
+                # state: carried (detached) for sequential batches, fresh for random ones
+                state = detach_state(state) if config.sampling == "sequential" else None
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(config, budget_progress(t0 - start_time, progress["step"]))
+                logits, state = model(X, state)  # (B, T, V)
+                loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
+                if not torch.isfinite(loss):
+                    diverged(f"epoch {epoch}, batch {i + 1}", f"the loss is {loss.item()}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip)
+                opt.step()
+                state = detach_state(state)
+                progress["batch"] = i + 1
+                progress["step"] += 1
+                progress["tokens"] += Y.numel()
+                seg["loss"] += loss.item() * Y.numel()
+                seg["tokens"] += Y.numel()
+                seg["train_s"] += time.perf_counter() - t0
+                bar.update(task, advance=1, loss=loss.item())
+                if config.eval_every and progress["step"] % config.eval_every == 0 and progress["batch"] < per_epoch:
+                    last = checkpoint_and_report(epoch - 1 + progress["batch"] / per_epoch, state)
             bar.remove_task(task)
-            # ---------------------------------------------------------- end of epoch (or budget): report, save
+            # ---------------------------------------------------------- end of epoch (or of the budget)
+            if progress["batch"] >= per_epoch:
+                progress["epoch"], progress["batch"] = epoch, 0
+                epoch_gen_state = batch_gen.get_state()  # the next epoch starts from here
+                state = None
             if seg["tokens"]:
-                last = report(epoch - 1 + b / per_epoch)
-            if b >= per_epoch:
-                progress["epoch"] = epoch
-                progress["batch"] = 0
-                epoch_gen_state = batch_gen.get_state()
-                save(0, None)
-            elif b > skip:  # the budget ended mid-epoch: save the position, so --resume goes on from here
-                progress["batch"] = b
-                save(b, detach_state(state))
-            else:
+                last = checkpoint_and_report(epoch - 1 + (progress["batch"] or per_epoch) / per_epoch, state)
+            elif done or progress["batch"]:
                 break
+    if not last:
+        _log(f"nothing to train: the run's budget ({config.epochs or '-'} epochs, {config.max_minutes:g} minutes) "
+             f"is used up; give a larger --epochs or --max-minutes")
+        return last
     plot_metrics(metrics_path, out / "perplexity.png")
     return last
 
