@@ -1,0 +1,230 @@
+"""Benchmark the fused GRU tiers against torch.nn.GRU / torch.nn.LSTM on CPU.
+
+All contenders run in one process, interleaved (each repetition times every
+contender once, round-robin), and the median per contender is reported, so a
+slow phase of the machine hits everyone alike. Three workloads:
+
+* ``fwd+bwd``  : forward over (T, B, I) + backward of ``out.sum()`` into every
+                 weight (what one training step of the layer costs);
+* ``fwd``      : forward under ``torch.no_grad()`` (inference);
+* ``gen/token``: greedy-generation step, B = 1, one token at a time with the
+                 state carried (``nn.GRU`` on a length-1 sequence vs ``gru_step``).
+
+Usage::
+
+    python benchmarks/bench_gru.py            # full run, writes benchmarks/results.md
+    python benchmarks/bench_gru.py --quick    # small shape + generation only
+    python benchmarks/bench_gru.py --out FILE # write the table elsewhere
+
+The machine's load average is recorded before and after: the numbers are only
+comparable when nothing else runs on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from grulab import fused, reference
+
+SMALL = (32, 35, 28, 256)   # (B, T, I, H)
+LARGE = (64, 100, 256, 1024)
+GEN = (1, 1, 28, 256)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def interleaved(contenders: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each contender, timed round-robin."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def gru_weights(gru: torch.nn.GRU):
+    return gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0
+
+
+def train_and_infer(shape, reps: int, with_reference: bool):
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    gru, lstm = torch.nn.GRU(I, H), torch.nn.LSTM(I, H)
+    params = gru_weights(gru)
+    x = torch.randn(T, B, I)
+    h0 = torch.zeros(B, H)
+    everyone = list(gru.parameters()) + list(lstm.parameters())
+
+    def zero():
+        for p in everyone:
+            p.grad = None
+
+    def fb_nn_gru():
+        zero()
+        out, _ = gru(x, h0.unsqueeze(0))
+        out.sum().backward()
+
+    def fb_nn_lstm():
+        zero()
+        out, _ = lstm(x)
+        out.sum().backward()
+
+    def fb_fused(backend):
+        def run():
+            zero()
+            out, _ = fused.gru_layer(x, h0, *params, True, backend=backend)
+            out.sum().backward()
+        return run
+
+    def fb_reference():
+        zero()
+        out, _ = reference.gru_layer(x, h0, *params, True)
+        out.sum().backward()
+
+    def fw(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    fb = {"torch.nn.GRU": fb_nn_gru, "torch.nn.LSTM": fb_nn_lstm}
+    inf = {"torch.nn.GRU": fw(lambda: gru(x, h0.unsqueeze(0))), "torch.nn.LSTM": fw(lambda: lstm(x))}
+    if with_reference:
+        fb["reference"] = fb_reference
+        inf["reference"] = fw(lambda: reference.gru_layer(x, h0, *params, True))
+    fb["fused torch"] = fb_fused("torch")
+    inf["fused torch"] = fw(lambda: fused.gru_layer(x, h0, *params, True, backend="torch"))
+    if fused.native_available():
+        fb["fused native"] = fb_fused("native")
+        inf["fused native"] = fw(lambda: fused.gru_layer(x, h0, *params, True, backend="native"))
+    return interleaved(fb, reps), interleaved(inf, reps)
+
+
+def generation(shape, reps: int, tokens: int):
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(I, H)
+    params = tuple(p.detach() for p in gru_weights(gru))
+    x = torch.randn(tokens, B, I)
+
+    def nn_gru():
+        h = torch.zeros(1, B, H)
+        with torch.no_grad():
+            for t in range(tokens):
+                _, h = gru(x[t : t + 1], h)
+
+    def ours(step):
+        def run():
+            h = torch.zeros(B, H)
+            with torch.no_grad():
+                for t in range(tokens):
+                    h = step(x[t], h)
+        return run
+
+    contenders = {
+        "torch.nn.GRU": nn_gru,
+        "reference": ours(lambda xt, h: reference.gru_step(xt, h, *params, True).h),
+        "fused torch": ours(lambda xt, h: fused.gru_step(xt, h, *params, True, backend="torch")),
+    }
+    if fused.native_available():
+        contenders["fused native"] = ours(lambda xt, h: fused.gru_step(xt, h, *params, True, backend="native"))
+    return {k: v / tokens for k, v in interleaved(contenders, reps).items()}
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shape and generation only, few repetitions")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"),
+                    help="markdown file to write (default: benchmarks/results.md)")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's default, the number of cores)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(f"building/loading the native tier ... backend={fused.backend()}", flush=True)
+    load_before = os.getloadavg()
+    rows = []  # (workload, shape, {contender: seconds})
+    reps_small = 10 if args.quick else 30
+    fb, inf = train_and_infer(SMALL, reps_small, with_reference=True)
+    rows += [("fwd+bwd", SMALL, fb), ("fwd (no_grad)", SMALL, inf)]
+    print("small shape done", flush=True)
+    if not args.quick:
+        fb, inf = train_and_infer(LARGE, 5, with_reference=False)
+        rows += [("fwd+bwd", LARGE, fb), ("fwd (no_grad)", LARGE, inf)]
+        print("large shape done", flush=True)
+    rows.append(("gen/token", GEN, generation(GEN, 10 if args.quick else 30, 200)))
+
+    contenders = []
+    for _, _, res in rows:
+        contenders += [c for c in res if c not in contenders]
+    header = "| workload | (B, T, I, H) | " + " | ".join(contenders) + " |"
+    lines = [header, "|" + "---|" * (2 + len(contenders))]
+    for work, shape, res in rows:
+        base = res["torch.nn.GRU"]
+        cells = []
+        for c in contenders:
+            if c not in res:
+                cells.append("not run" if c == "reference" else "–")
+            elif c == "torch.nn.GRU":
+                cells.append(fmt_time(res[c]))
+            else:
+                cells.append(f"{fmt_time(res[c])} ({base / res[c]:.2f}×)")
+        lines.append(f"| {work} | {shape} | " + " | ".join(cells) + " |")
+
+    load_after = os.getloadavg()
+    env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
+    meta = [
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        f"- torch {torch.__version__}, threads {torch.get_num_threads()}, Python {platform.python_version()}",
+        f"- fused backend: {fused.backend()}; BLAS: MKL (torch's), no OpenBLAS",
+        "- env: " + ", ".join(f"{k}={v}" for k, v in env.items()),
+        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+        f"(on {os.cpu_count()} CPUs; above ~0.5 other processes were competing for the cores)",
+        f"- medians of interleaved repetitions ({reps_small} small / 5 large / {10 if args.quick else 30}×200 tokens); "
+        "ratio = speedup vs torch.nn.GRU; the reference tier is not run at the large shape (too slow)",
+        f"- command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}",
+    ]
+    table = "\n".join(lines)
+    print()
+    print("\n".join(meta))
+    print()
+    print(table)
+    if not args.no_write:
+        args.out.write_text("# GRU benchmark\n\n" + "\n".join(meta) + "\n\n" + table + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

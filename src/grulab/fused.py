@@ -1,0 +1,396 @@
+r"""A fused GRU layer: bulk input projections and hand-written backprop through time.
+
+``grulab.reference`` computes one equation per line and lets autograd record
+every small operation of every time step. This module computes the same cell
+(see the reference for the notation and both ``reset_after`` variants), but
+organises the work the way cuDNN does:
+
+* **Forward.** The input projections of all T steps do not depend on the
+  recurrence, so they are ONE GEMM: ``G_x = X W_ih^T + b_ih`` with X reshaped
+  to (T·B, I), giving (T, B, 3H). Per step there is one GEMM,
+  ``G_h = h_{t-1} W_hh^T + b_hh`` (B, 3H), and one fused pass of gate
+  arithmetic. Per step we save only what the backward needs: r, z, n and one
+  more (B, H) block c (below).
+* **Backward.** Autograd is bypassed (a ``torch.autograd.Function``): per step
+  only the gate gradients and the one GEMM that carries dL/dh backwards; the
+  weight gradients of all steps are summed by one big GEMM each at the end.
+
+Gradients (a_r, a_z, a_n are the pre-activations of the three gates; d is
+dL/dh_t, the gradient arriving from the output at t plus from step t+1)::
+
+    h_t   = z ⊙ h_{t-1} + (1 − z) ⊙ n
+    dn    = d ⊙ (1 − z)            da_n = dn ⊙ (1 − n²)           (tanh' = 1 − tanh²)
+    dz    = d ⊙ (h_{t-1} − n)       da_z = dz ⊙ z ⊙ (1 − z)        (σ' = σ(1 − σ))
+
+reset_after=True (PyTorch, cuDNN): ``a_n = G_x,n + r ⊙ c`` with
+``c = h_{t-1} W_hn^T + b_hn`` (saved)::
+
+    da_r  = da_n ⊙ c ⊙ r ⊙ (1 − r)
+    dG_x  = [da_r, da_z, da_n]                   gradient of the x-side  (B, 3H)
+    dG_h  = [da_r, da_z, da_n ⊙ r]               gradient of the h-side  (B, 3H)
+    dL/dh_{t-1} = d ⊙ z + dG_h W_hh                                       (one GEMM)
+
+reset_after=False (the notes, Cho 2014): ``a_n = G_x,n + (r ⊙ h_{t-1}) W_hn^T + b_hn``
+with ``c = r ⊙ h_{t-1}`` (saved)::
+
+    dc    = da_n W_hn                            (B, H)                    (GEMM 1)
+    da_r  = dc ⊙ h_{t-1} ⊙ r ⊙ (1 − r)
+    dG_x  = dG_h = [da_r, da_z, da_n]
+    dL/dh_{t-1} = d ⊙ z + dc ⊙ r + [da_r, da_z] W_h[rz]                   (GEMM 2)
+
+After the loop, with dG stacked over time as (T·B, 3H)::
+
+    dX    = dG_x W_ih                  dW_ih = dG_x^T X          db_ih = Σ dG_x
+    dW_hh = dG_h^T H_prev              db_hh = Σ dG_h
+    (reset_after=False: the n rows of dW_hh are da_n^T (r ⊙ H_prev))
+    dh_0  = dL/dh_0 from the last loop step
+
+Two tiers implement this, with the same autograd wrapper:
+
+* ``"torch"``: torch operations only; runs on any device.
+* ``"native"``: ``csrc/gru.cpp``, the whole time loop in C++ with the gate
+  arithmetic fused in vectorised loops, compiled on first use with
+  ``torch.utils.cpp_extension`` (float32/float64 CPU tensors only). Its
+  threads split the *hidden units*: thread k owns units [j0, j1), computes
+  their three gate columns of h W_hh^T with a single-threaded GEMM on its own
+  rows of W_hh (which stay in its core's cache) and then their gates, and meets
+  the other threads at one barrier per step. The backward splits dL/dh the same
+  way. A small-GEMM BLAS call on all cores would instead fork and join inside
+  every step, for a GEMM too small to keep two cores busy.
+
+``GRULAB_FUSED_BACKEND=torch|native`` forces a tier (``native`` raises if the
+extension cannot be built); unset, the native tier is tried and, if it does not
+compile, one warning is issued and the torch tier is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["gru_layer", "gru_step", "backend", "native_available"]
+
+_BACKEND_ENV = "GRULAB_FUSED_BACKEND"
+
+
+# ---------------------------------------------------------------------------
+# Tier 1: pure PyTorch
+# ---------------------------------------------------------------------------
+
+
+class _TorchTier:
+    """The algorithm in torch operations (any device, any floating dtype)."""
+
+    @staticmethod
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool):
+        T, B, I = x.shape
+        H = h0.shape[1]
+        # Input projections of all steps: one GEMM.
+        x2 = x.reshape(T * B, I)  # (T*B, I)
+        gx = (torch.addmm(b_ih, x2, w_ih.t()) if b_ih is not None else x2 @ w_ih.t())  # (T*B, 3H)
+        gx = gx.view(T, B, 3 * H)  # (T, B, 3H)
+        out = x.new_empty(T, B, H)  # (T, B, H)
+        saved = x.new_empty(T if save else 1, B, 4 * H)  # (T, B, 4H): r | z | n | c
+        w_hh_rz, w_hh_n = w_hh[: 2 * H], w_hh[2 * H :]  # (2H, H), (H, H)
+        b_hh_rz = b_hh[: 2 * H] if b_hh is not None else None  # (2H,)
+        b_hh_n = b_hh[2 * H :] if b_hh is not None else None  # (H,)
+        h = h0  # (B, H)
+        for t in range(T):
+            s = saved[t if save else 0]  # (B, 4H)
+            rz, n, c = s[:, : 2 * H], s[:, 2 * H : 3 * H], s[:, 3 * H :]  # (B, 2H), (B, H), (B, H)
+            if reset_after:
+                gh = torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else h @ w_hh.t()  # (B, 3H)
+                torch.sigmoid(gx[t, :, : 2 * H] + gh[:, : 2 * H], out=rz)  # (B, 2H)
+                c.copy_(gh[:, 2 * H :])  # (B, H) W_hn h + b_hn
+                torch.tanh(torch.addcmul(gx[t, :, 2 * H :], rz[:, :H], c), out=n)  # (B, H)
+            else:
+                gh = torch.addmm(b_hh_rz, h, w_hh_rz.t()) if b_hh is not None else h @ w_hh_rz.t()  # (B, 2H)
+                torch.sigmoid(gx[t, :, : 2 * H] + gh, out=rz)  # (B, 2H)
+                torch.mul(rz[:, :H], h, out=c)  # (B, H) r ⊙ h
+                ghn = torch.addmm(b_hh_n, c, w_hh_n.t()) if b_hh is not None else c @ w_hh_n.t()  # (B, H)
+                torch.tanh(gx[t, :, 2 * H :] + ghn, out=n)  # (B, H)
+            # h_t = z h + (1 − z) n = n + z (h − n)
+            torch.lerp(n, h, rz[:, H:], out=out[t])  # (B, H)
+            h = out[t]
+        return out, out[T - 1].clone(), saved
+
+    @staticmethod
+    def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
+                 has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool):
+        T, B, I = x.shape
+        H = h0.shape[1]
+        dh = grad_hT.clone() if grad_hT is not None else h0.new_zeros(B, H)  # (B, H) dL/dh_T
+        dgx = x.new_empty(T, B, 3 * H)  # (T, B, 3H) gradient of the x-side pre-activations
+        dgh = x.new_empty(T, B, 3 * H) if reset_after else dgx  # (T, B, 3H) of the h-side
+        w_hh_rz, w_hh_n = w_hh[: 2 * H], w_hh[2 * H :]  # (2H, H), (H, H)
+        for t in range(T - 1, -1, -1):
+            h_prev = out[t - 1] if t > 0 else h0  # (B, H)
+            r, z, n, c = saved[t].split(H, dim=1)  # each (B, H)
+            d = dh + grad_out[t] if grad_out is not None else dh  # (B, H) dL/dh_t
+            da_r, da_z, da_n = dgx[t].split(H, dim=1)  # views, each (B, H)
+            torch.mul(d * (1 - z), 1 - n * n, out=da_n)  # (B, H)
+            torch.mul(d * (h_prev - n), z * (1 - z), out=da_z)  # (B, H)
+            if reset_after:
+                torch.mul(da_n * c, r * (1 - r), out=da_r)  # (B, H)
+                dgh[t, :, : 2 * H] = dgx[t, :, : 2 * H]  # (B, 2H)
+                torch.mul(da_n, r, out=dgh[t, :, 2 * H :])  # (B, H)
+                dh = torch.addmm(d * z, dgh[t], w_hh)  # (B, H) = d z + (B, 3H) @ (3H, H)
+            else:
+                dc = da_n @ w_hh_n  # (B, H) dL/d(r ⊙ h)
+                torch.mul(dc * h_prev, r * (1 - r), out=da_r)  # (B, H)
+                dh = torch.addmm(torch.addcmul(d * z, dc, r), dgx[t, :, : 2 * H], w_hh_rz)  # (B, H)
+
+        # Everything batched over time: one GEMM or reduction each.
+        dgx2 = dgx.view(T * B, 3 * H)  # (T*B, 3H)
+        dgh2 = dgh.view(T * B, 3 * H)  # (T*B, 3H)
+        dx = (dgx2 @ w_ih).view(T, B, I) if need_x else None  # (T, B, I)
+        dw_ih = dgx2.t() @ x.reshape(T * B, I)  # (3H, I)
+        h_prev_all = torch.cat([h0.unsqueeze(0), out[:-1]]).view(T * B, H)  # (T*B, H)
+        if reset_after:
+            dw_hh = dgh2.t() @ h_prev_all  # (3H, H)
+        else:
+            rh = saved[:, :, 3 * H :].reshape(T * B, H)  # (T*B, H) r ⊙ h_{t-1}
+            dw_hh = torch.cat([dgx2[:, : 2 * H].t() @ h_prev_all,  # (2H, H)
+                               dgx2[:, 2 * H :].t() @ rh])  # (H, H)
+        db_ih = dgx2.sum(0) if has_b_ih else None  # (3H,)
+        db_hh = dgh2.sum(0) if has_b_hh else None  # (3H,)
+        return dx, (dh if need_h0 else None), dw_ih, dw_hh, db_ih, db_hh
+
+    @staticmethod
+    def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool):
+        H = h.shape[1]
+        gi = torch.addmm(b_ih, x, w_ih.t()) if b_ih is not None else x @ w_ih.t()  # (B, 3H)
+        if reset_after:
+            gh = torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else h @ w_hh.t()  # (B, 3H)
+            rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])  # (B, 2H)
+            n = torch.tanh(torch.addcmul(gi[:, 2 * H :], rz[:, :H], gh[:, 2 * H :]))  # (B, H)
+        else:
+            w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H :]  # (2H, H), (H, H)
+            gh = torch.addmm(b_hh[: 2 * H], h, w_rz.t()) if b_hh is not None else h @ w_rz.t()  # (B, 2H)
+            rz = torch.sigmoid(gi[:, : 2 * H] + gh)  # (B, 2H)
+            rh = rz[:, :H] * h  # (B, H)
+            ghn = torch.addmm(b_hh[2 * H :], rh, w_n.t()) if b_hh is not None else rh @ w_n.t()  # (B, H)
+            n = torch.tanh(gi[:, 2 * H :] + ghn)  # (B, H)
+        return torch.lerp(n, h, rz[:, H:])  # (B, H) z h + (1 − z) n
+
+
+# ---------------------------------------------------------------------------
+# Tier 2: native (C++), built on first use
+# ---------------------------------------------------------------------------
+
+_native_module = None  # the compiled extension, once loaded
+_native_error: Optional[str] = None  # why it could not be loaded
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags (the build uses -march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def _cache_dir() -> Path:
+    """Build directory for the extension, one per torch version, Python and CPU."""
+    root = os.environ.get("GRULAB_CACHE_DIR")
+    if root:
+        base = Path(root)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg) if xdg else Path.home() / ".cache") / "grulab"
+    tag = (f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-"
+           f"{platform.machine()}-{_cpu_tag()}")
+    return base / "native" / tag.replace("+", "_")
+
+
+def _build_native():
+    """Compile (or load from the cache) csrc/gru.cpp; raises on failure."""
+    from torch.utils.cpp_extension import load
+
+    src = Path(__file__).with_name("csrc") / "gru.cpp"
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is missing from the installed package")
+    build_dir = _cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # -march=native: the build is for this machine only (the cache is per machine).
+    # -ffast-math lets gcc vectorise exp() through glibc's libmvec.
+    # -fopenmp: the time loop's threads (the same libgomp that torch uses).
+    return load(
+        name="grulab_gru_native",
+        sources=[str(src)],
+        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+
+
+def _native():
+    """The native extension, building it on first call; None if unavailable."""
+    global _native_module, _native_error
+    if _native_module is not None:  # fast path: generation calls this once per token
+        return _native_module
+    choice = os.environ.get(_BACKEND_ENV, "").strip().lower()
+    if _native_module is None and _native_error is None:
+        if choice == "torch":
+            _native_error = f"disabled by {_BACKEND_ENV}=torch"
+            return None
+        try:
+            _native_module = _build_native()
+        except Exception as exc:  # compiler missing, build error, ...
+            last_line = (str(exc).strip().splitlines() or [""])[-1]
+            _native_error = f"{type(exc).__name__}: {last_line}"
+            if choice != "native":
+                warnings.warn(
+                    f"grulab: C++ GRU kernel could not be built ({_native_error}); using the "
+                    f"slower pure-PyTorch tier. Fix: install g++ and ninja (pip install ninja), "
+                    f"or set {_BACKEND_ENV}=torch to silence this.", RuntimeWarning, stacklevel=3)
+    if _native_module is None and choice == "native":
+        raise RuntimeError(
+            f"grulab: {_BACKEND_ENV}=native but the C++ GRU kernel is unavailable "
+            f"({_native_error}); install g++ and ninja, or unset {_BACKEND_ENV}")
+    return _native_module
+
+
+def native_available() -> bool:
+    """True if the C++ tier is usable (compiles it on first call)."""
+    return _native() is not None
+
+
+def backend() -> str:
+    """The tier used for CPU float32/float64 tensors: ``"native"`` or ``"torch"``."""
+    return "native" if native_available() else "torch"
+
+
+class _NativeTier:
+    """Thin adapter from the autograd wrapper to the C++ extension."""
+
+    @staticmethod
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool):
+        out, h_T, saved = _native_module.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save)
+        return out, h_T, saved
+
+    @staticmethod
+    def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
+                 has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool):
+        return tuple(_native_module.backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved,
+                                             reset_after, has_b_ih, has_b_hh, need_x, need_h0))
+
+    @staticmethod
+    def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool):
+        return _native_module.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after)
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _pick_tier(name: Optional[str], x: Tensor) -> type:
+    """The tier for this call. The C++ code checks the other tensors (device, dtype, shape)."""
+    if name is None:
+        if x.is_cpu and x.dtype in _NATIVE_DTYPES and _native() is not None:
+            return _NativeTier
+        return _TorchTier
+    if name == "torch":
+        return _TorchTier
+    if name == "native":
+        if _native() is None:
+            raise RuntimeError(f"grulab: native GRU tier unavailable ({_native_error})")
+        return _NativeTier
+    raise ValueError(f"grulab: unknown GRU backend {name!r} (use 'native' or 'torch')")
+
+
+# ---------------------------------------------------------------------------
+# Autograd wrapper (shared by both tiers)
+# ---------------------------------------------------------------------------
+
+
+class _FusedGRUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tier, reset_after, x, h0, w_ih, w_hh, b_ih, b_hh):
+        out, h_T, saved = tier.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out, saved)
+        ctx.tier, ctx.reset_after = tier, reset_after
+        ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return out, h_T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_hT):
+        x, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
+        if grad_out is None and grad_hT is None:
+            return (None,) * 8
+        need = ctx.needs_input_grad  # (tier, reset_after, x, h0, w_ih, w_hh, b_ih, b_hh)
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = ctx.tier.backward(
+            grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, ctx.reset_after,
+            ctx.has_b_ih and need[6], ctx.has_b_hh and need[7], need[2], need[3])
+        return (None, None, dx, dh0,
+                dw_ih if need[4] else None, dw_hh if need[5] else None,
+                db_ih, db_hh)
+
+
+# ---------------------------------------------------------------------------
+# Public API (the seam grulab.GRU calls)
+# ---------------------------------------------------------------------------
+
+
+def gru_layer(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    reset_after: bool = True,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    """One layer, one direction: x (T, B, I), h (B, H) -> (out (T, B, H), h_T (B, H)).
+
+    Same contract as ``grulab.reference.gru_layer``; differentiable with respect
+    to every tensor argument. ``backend`` ("native" | "torch") overrides the
+    automatic choice (used by tests and benchmarks).
+    """
+    if x.dim() != 3 or h.dim() != 2:
+        raise ValueError(f"gru_layer: expected x (T, B, I) and h (B, H), got {tuple(x.shape)} and {tuple(h.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("gru_layer: empty sequence (T == 0)")
+    args = (x.contiguous(), h.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
+            None if b_ih is None else b_ih.contiguous(), None if b_hh is None else b_hh.contiguous())
+    tier = _pick_tier(backend, x)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return _FusedGRUFunction.apply(tier, reset_after, *args)
+    out, h_T, _ = tier.forward(*args, reset_after, False)  # inference: save nothing
+    return out, h_T
+
+
+def gru_step(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    reset_after: bool = True,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """One step for generation: x (B, I), h (B, H) -> h' (B, H).
+
+    Meant for ``torch.no_grad()`` decoding; if a graph is needed it falls back
+    to the differentiable ``gru_layer`` on a length-1 sequence.
+    """
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h, w_ih, w_hh, b_ih, b_hh)):
+        return gru_layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, reset_after, backend=backend)[1]
+    return _pick_tier(backend, x).step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after)

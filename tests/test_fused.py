@@ -1,0 +1,247 @@
+"""Tests of grulab.fused against torch.nn.GRU and grulab.reference (both tiers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grulab import fused, reference
+
+TIERS = ["torch", "native"]
+
+
+@pytest.fixture(scope="session")
+def native_ok() -> bool:
+    """Build the native tier once per test session (it is cached on disk)."""
+    return fused.native_available()
+
+
+@pytest.fixture(params=TIERS)
+def tier(request, native_ok) -> str:
+    if request.param == "native" and not native_ok:
+        pytest.skip(f"native GRU tier unavailable: {fused._native_error}")
+    return request.param
+
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def make_params(I, H, bias, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = H ** -0.5
+    def u(*shape):
+        return ((torch.rand(*shape, generator=g, dtype=dtype) * 2 - 1) * k).requires_grad_()
+    w_ih, w_hh = u(3 * H, I), u(3 * H, H)
+    b_ih, b_hh = (u(3 * H), u(3 * H)) if bias else (None, None)
+    return w_ih, w_hh, b_ih, b_hh
+
+
+def inputs(T, B, I, H, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, I, generator=g, dtype=dtype).requires_grad_()
+    h0 = (torch.randn(B, H, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    return x, h0
+
+
+def run_with_grads(fn, x, h0, params, seed=2):
+    """Forward, then backward of a random linear loss on both outputs; returns (out, h_T, grads)."""
+    out, h_T = fn(x, h0, *params)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    gh = torch.randn(h_T.shape, generator=g, dtype=out.dtype)
+    leaves = [x, h0] + [p for p in params if p is not None]
+    grads = torch.autograd.grad((out * go).sum() + (h_T * gh).sum(), leaves)
+    return out.detach(), h_T.detach(), grads
+
+
+SHAPES = [  # (T, B, I, H)
+    (5, 3, 4, 6),
+    (1, 1, 7, 5),   # T = 1, B = 1, I != H
+    (4, 1, 3, 8),
+    (7, 2, 9, 9),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(tier, shape, reset_after, bias, dtype):
+    T, B, I, H = shape
+    params = make_params(I, H, bias, dtype)
+    x, h0 = inputs(T, B, I, H, dtype)
+    ref = run_with_grads(lambda *a: reference.gru_layer(*a, reset_after=reset_after), x, h0, params)
+    got = run_with_grads(lambda *a: fused.gru_layer(*a, reset_after=reset_after, backend=tier), x, h0, params)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for g_got, g_ref in zip(got[2], ref[2]):
+        torch.testing.assert_close(g_got, g_ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("shape", [(3, 8, 5, 64), (2, 5, 3, 67), (2, 1, 28, 256)])
+def test_matches_reference_multithreaded(tier, shape, reset_after, dtype):
+    """Shapes big enough that the native time loop splits the hidden units across threads."""
+    T, B, I, H = shape
+    params = make_params(I, H, True, dtype)
+    x, h0 = inputs(T, B, I, H, dtype)
+    ref = run_with_grads(lambda *a: reference.gru_layer(*a, reset_after=reset_after), x, h0, params)
+    got = run_with_grads(lambda *a: fused.gru_layer(*a, reset_after=reset_after, backend=tier), x, h0, params)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for g_got, g_ref in zip(got[2], ref[2]):
+        torch.testing.assert_close(g_got, g_ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 4, 5, 7), (1, 1, 3, 4), (3, 2, 8, 3)])
+def test_matches_torch_nn_gru(tier, shape, bias, dtype):
+    T, B, I, H = shape
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(I, H, bias=bias).to(dtype)
+    params = (gru.weight_ih_l0, gru.weight_hh_l0,
+              gru.bias_ih_l0 if bias else None, gru.bias_hh_l0 if bias else None)
+    x, h0 = inputs(T, B, I, H, dtype)
+
+    def nn_gru(x, h0, *_):
+        out, h_n = gru(x, h0.unsqueeze(0))
+        return out, h_n[0]
+
+    ref = run_with_grads(nn_gru, x, h0, params)
+    got = run_with_grads(lambda *a: fused.gru_layer(*a, reset_after=True, backend=tier), x, h0, params)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for g_got, g_ref in zip(got[2], ref[2]):
+        torch.testing.assert_close(g_got, g_ref, **tol)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gradcheck(tier, reset_after, bias):
+    T, B, I, H = 3, 2, 3, 4
+    params = make_params(I, H, bias, torch.float64, seed=3)
+    x, h0 = inputs(T, B, I, H, torch.float64, seed=4)
+    args = (x, h0) + tuple(p for p in params if p is not None)
+
+    def f(x, h0, w_ih, w_hh, *b):
+        b_ih, b_hh = b if b else (None, None)
+        return fused.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, backend=tier)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_partial_grads_and_unused_outputs(tier):
+    """Only h_T used; only some inputs require grad."""
+    T, B, I, H = 4, 3, 5, 6
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, torch.float64))
+    w_hh.requires_grad_()
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, torch.float64))
+    _, h_T = fused.gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, backend=tier)
+    (g,) = torch.autograd.grad(h_T.sum(), [w_hh])
+    w_hh_ref = w_hh.detach().clone().requires_grad_()
+    _, h_ref = reference.gru_layer(x, h0, w_ih, w_hh_ref, b_ih, b_hh)
+    (g_ref,) = torch.autograd.grad(h_ref.sum(), [w_hh_ref])
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inference_path_saves_nothing(tier, dtype):
+    T, B, I, H = 5, 2, 3, 4
+    params = [p.detach() for p in make_params(I, H, True, dtype)]
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
+    with torch.no_grad():
+        out, h_T = fused.gru_layer(x, h0, *params, backend=tier)
+    assert out.grad_fn is None and h_T.grad_fn is None
+    ref_out, ref_h = reference.gru_layer(x, h0, *params)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(h_T, ref_h, **TOL[dtype])
+
+
+def test_non_contiguous_input(tier):
+    T, B, I, H = 4, 3, 5, 6
+    params = [p.detach() for p in make_params(I, H, True, torch.float64)]
+    x = torch.randn(B, T, I, dtype=torch.float64).transpose(0, 1)  # (T, B, I), not contiguous
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    out, h_T = fused.gru_layer(x, h0, *params, backend=tier)
+    ref_out, ref_h = reference.gru_layer(x, h0, *params)
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("B, I, H", [(1, 7, 10), (3, 7, 10), (6, 7, 10), (1, 28, 256), (5, 9, 70)])
+def test_gru_step_matches_reference(tier, B, I, H, reset_after, bias, dtype):
+    params = [None if p is None else p.detach() for p in make_params(I, H, bias, dtype)]
+    x = torch.randn(B, I, dtype=dtype)
+    h = torch.randn(B, H, dtype=dtype)
+    with torch.no_grad():
+        got = fused.gru_step(x, h, *params, reset_after, backend=tier)
+    ref = reference.gru_step(x, h, *params, reset_after).h
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+def test_gru_step_with_grad_is_differentiable(tier):
+    I, H = 3, 4
+    params = make_params(I, H, True, torch.float64)
+    x = torch.randn(2, I, dtype=torch.float64)
+    h = torch.randn(2, H, dtype=torch.float64)
+    h_new = fused.gru_step(x, h, *params, backend=tier)
+    assert h_new.grad_fn is not None
+    torch.testing.assert_close(h_new, reference.gru_step(x, h, *params).h, rtol=1e-9, atol=1e-9)
+
+
+def test_backend_reporting():
+    assert fused.backend() in ("native", "torch")
+    assert isinstance(fused.native_available(), bool)
+    assert (fused.backend() == "native") == fused.native_available()
+
+
+def test_unknown_backend_rejected():
+    x, h = torch.randn(2, 1, 3), torch.randn(1, 4)
+    w_ih, w_hh = torch.randn(12, 3), torch.randn(12, 4)
+    with pytest.raises(ValueError):
+        fused.gru_layer(x, h, w_ih, w_hh, backend="cuda-magic")
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch):
+    def broken_build():
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(fused, "_native_module", None)
+    monkeypatch.setattr(fused, "_native_error", None)
+    monkeypatch.setattr(fused, "_build_native", broken_build)
+    monkeypatch.delenv("GRULAB_FUSED_BACKEND", raising=False)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert fused.backend() == "torch"
+    assert fused.backend() == "torch"  # the failure is remembered: no second build, no second warning
+    x, h = torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    params = [p.detach() for p in make_params(4, 5, True, torch.float64)]
+    out, _ = fused.gru_layer(x, h, *params)
+    torch.testing.assert_close(out, reference.gru_layer(x, h, *params)[0])
+
+
+def test_forced_native_raises_when_unavailable(monkeypatch):
+    monkeypatch.setattr(fused, "_native_module", None)
+    monkeypatch.setattr(fused, "_native_error", None)
+    monkeypatch.setattr(fused, "_build_native", lambda: (_ for _ in ()).throw(OSError("nope")))
+    monkeypatch.setenv("GRULAB_FUSED_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="GRULAB_FUSED_BACKEND=native"):
+        fused.native_available()
+
+
+def test_env_forces_torch_and_import_does_not_compile():
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ['GRULAB_FUSED_BACKEND'] = 'torch'\n"
+            "import grulab, grulab.fused as f\n"
+            "assert f._native_module is None and f._native_error is None, 'compiled at import'\n"
+            "print(f.backend())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "torch"
