@@ -140,6 +140,7 @@ def plot(results: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
@@ -150,6 +151,8 @@ def plot(results: list[dict], path: Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle("validation perplexity")

@@ -413,6 +413,7 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["epoch"] for r in rows], [r["train_ppl"] for r in rows], marker="o", label="train")
@@ -420,6 +421,8 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
     ax.set_xlabel("epoch")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
