@@ -380,3 +380,32 @@ def test_help(command, capsys):
               "eval": ["--json"]}.get(command[0] if command else "", [])
     for flag in wanted:
         assert flag in out, flag
+
+
+def test_viz_html_and_png_from_the_cli(trained, tmp_path, capsys):
+    run, _ = trained
+    text = "the cat sat"
+    page = tmp_path / "gates.html"
+    assert main(["viz", str(run), "--text", text, "--out", str(page)]) == 0
+    html = page.read_text(encoding="utf-8")
+    assert "<html" in html.lower() and "http://" not in html and "https://" not in html
+    png = tmp_path / "gates.png"
+    source = tmp_path / "source.txt"
+    source.write_text(text, encoding="utf-8")
+    assert main(["viz", str(run), "--file", str(source), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["viz", str(run), "--text", text, "--out", str(tmp_path / "gates.svgz")]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "gates.svgz" in err[0]
+
+
+def test_impl_flag_trains_the_same_model_with_torch_kernels(work, tmp_path):
+    """--impl torch runs torch.nn.GRU's kernels on the same parameters: same losses, to float32 noise."""
+    corpus = work / "corpus.txt"
+    runs = {}
+    for impl in ("fused", "torch"):
+        out = tmp_path / impl
+        assert main(["train", "--corpus", str(corpus), "--out", str(out), "--impl", impl, *TINY]) == 0
+        runs[impl] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["fused"], runs["torch"]):
+        assert a["val_ppl"] == pytest.approx(b["val_ppl"], rel=1e-3)

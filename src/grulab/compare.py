@@ -19,7 +19,7 @@ from typing import Optional
 
 from .errors import UsageError
 from .model import count_parameters
-from .train import TrainConfig, read_metrics, train
+from .train import TrainConfig, perplexity_axis, pyplot, read_metrics, train
 
 SWEEPABLE = ("hidden", "lr", "num_steps", "layers", "embed", "batch_size", "dropout")
 
@@ -136,25 +136,14 @@ def print_table(results: list[dict], target: float) -> None:
 
 
 def plot(results: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
-
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
         rows = r["rows"]
         a.plot([x["epoch"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
         b.plot([x["elapsed"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
-    for ax, xlabel in ((a, "epoch"), (b, "wall time (s)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation perplexity")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+    perplexity_axis(a, "epoch", "validation perplexity")
+    perplexity_axis(b, "wall time (s)", "validation perplexity")
     fig.suptitle("validation perplexity")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

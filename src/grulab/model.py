@@ -30,6 +30,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout between layers and before the output layer
     embed: int = 0  # embedding width; 0 feeds one-hot vectors, as the notes do
     reset_after: bool = True  # GRU only: reset gate after the matmul (PyTorch) or before (notes)
+    impl: str = "auto"  # GRU only: auto, fused, torch or reference (grulab.GRU's impl)
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -64,7 +65,8 @@ class LanguageModel(nn.Module):
         input_size = c.embed or c.vocab_size
         rnn_dropout = c.dropout if c.layers > 1 else 0.0
         if c.cell == "gru":
-            self.rnn = GRU(input_size, c.hidden, c.layers, dropout=rnn_dropout, reset_after=c.reset_after)
+            self.rnn = GRU(input_size, c.hidden, c.layers, dropout=rnn_dropout, reset_after=c.reset_after,
+                           impl=c.impl)
         elif c.cell == "lstm":
             self.rnn = nn.LSTM(input_size, c.hidden, c.layers, dropout=rnn_dropout)
         else:

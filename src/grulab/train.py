@@ -38,10 +38,11 @@ class TrainConfig:
     val_fraction: float = 0.1  # the tail of the corpus held out for validation
     # model
     cell: str = "gru"  # gru, lstm or rnn
-    hidden: int = 512  # hidden units per layer
+    hidden: int = 384  # hidden units per layer
     layers: int = 1  # recurrent layers
     dropout: float = 0.0  # dropout between layers and before the output layer
     embed: int = 64  # embedding width; 0 = one-hot input as in the notes
+    impl: str = "auto"  # GRU kernel: auto (fused on CPU), fused, torch (torch.nn.GRU's) or reference
     # batches
     batch_size: int = 64  # sequences per batch
     num_steps: int = 64  # time steps per sequence (truncated BPTT length)
@@ -70,6 +71,7 @@ class TrainConfig:
             return UsageError(f"--{flag.replace('_', '-')} must be {want}, got {value!r}")
 
         choices = {"level": ("char", "word"), "cell": ("gru", "lstm", "rnn"),
+                   "impl": ("auto", "fused", "torch", "reference"),
                    "sampling": ("sequential", "random"), "optimizer": ("adam", "sgd"),
                    "schedule": ("cosine", "constant")}
         for name, allowed in choices.items():
@@ -97,7 +99,7 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden=self.hidden, layers=self.layers,
-                           dropout=self.dropout, embed=self.embed)
+                           dropout=self.dropout, embed=self.embed, impl=self.impl)
 
 
 # The notes' settings (d2l, chapter "GRU"): one-hot input, SGD lr 1, clip 1,
@@ -404,27 +406,39 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
-    """Training and validation perplexity against epoch, as a PNG."""
-    rows = read_metrics(metrics_path)
-    if not rows:
-        return None
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def perplexity_axis(ax, xlabel: str, ylabel: str) -> None:
+    """A log-scale perplexity axis with plain-number ticks, a grid and a legend."""
     from matplotlib.ticker import ScalarFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["epoch"] for r in rows], [r["train_ppl"] for r in rows], marker="o", label="train")
-    ax.plot([r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", label="validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("perplexity")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.grid(True, alpha=0.3)
     ax.legend()
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
+    """Training and validation perplexity against epoch, as a PNG."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["epoch"] for r in rows], [r["train_ppl"] for r in rows], marker="o", label="train")
+    ax.plot([r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", label="validation")
+    perplexity_axis(ax, "epoch", "perplexity")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
