@@ -300,3 +300,34 @@ def test_repr_and_compat_helpers():
     assert "num_layers=2" in repr(gru) and "reset_after=False" in repr(gru)
     gru.flatten_parameters()
     assert len(gru.all_weights) == 2 and len(gru.all_weights[0]) == 4
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "torch"])
+@pytest.mark.parametrize("layers,bidir,enforce_sorted,given_hx", [
+    (1, False, False, False), (2, True, False, True), (1, True, True, True), (3, False, True, False)])
+def test_packed_sequence_equals_torch(impl, layers, bidir, enforce_sorted, given_hx):
+    """Variable-length batches as PackedSequence: outputs, h_n and gradients as torch.nn.GRU."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    ours, theirs = _pair(impl, layers, bidir, False, True)
+    lengths = torch.tensor([5, 5, 3, 2, 1] if enforce_sorted else [2, 5, 1, 5, 3])
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    D = 2 if bidir else 1
+    hx = torch.randn(layers * D, 5, 7, generator=g, dtype=torch.float64, requires_grad=True) if given_hx else None
+    results = []
+    for module in (ours, theirs):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        out, h_n = module(packed, hx)
+        assert type(out).__name__ == "PackedSequence"
+        padded, out_lengths = pad_packed_sequence(out)
+        assert torch.equal(out_lengths, lengths)
+        loss = (padded * torch.linspace(-1, 1, padded.numel(), dtype=torch.float64).view_as(padded)).sum() \
+            + (h_n ** 2).sum()
+        grads = torch.autograd.grad(loss, [x] + ([hx] if given_hx else []) + list(module.parameters()))
+        results.append((padded, h_n, grads))
+    (pa, ha, ga), (pb, hb, gb) = results
+    assert_close(pa, pb, rtol=1e-9, atol=1e-9)
+    assert_close(ha, hb, rtol=1e-9, atol=1e-9)
+    for a, b in zip(ga, gb):
+        assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from . import reference
 
@@ -107,7 +108,9 @@ class GRU(nn.Module):
 
     Inputs: ``input, h_0``; outputs: ``output, h_n``, with the shapes of
     :class:`torch.nn.GRU`: input (L, N, H_in) or (N, L, H_in) with
-    ``batch_first`` or (L, H_in) unbatched; h_0 and h_n (D·num_layers, N, H_out).
+    ``batch_first`` or (L, H_in) unbatched, or a
+    :class:`~torch.nn.utils.rnn.PackedSequence` of variable-length sequences
+    (then the output is packed too); h_0 and h_n (D·num_layers, N, H_out).
 
     Parameters are named ``weight_ih_l{k}`` (3H, I) = W_ir|W_iz|W_in,
     ``weight_hh_l{k}`` (3H, H) = W_hr|W_hz|W_hn, ``bias_ih_l{k}``, ``bias_hh_l{k}``,
@@ -234,7 +237,9 @@ class GRU(nn.Module):
         return s
 
     # -- forward ------------------------------------------------------------------
-    def _check_forward_args(self, input: Tensor, hx: Optional[Tensor], batched: bool) -> None:
+    def _check_forward_args(
+        self, input: Tensor, hx: Optional[Tensor], batched: bool, batch: Optional[int] = None
+    ) -> None:
         weight = self.weight_ih_l0
         if input.dtype != weight.dtype:
             raise ValueError(
@@ -257,7 +262,8 @@ class GRU(nn.Module):
                 f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
             )
         num_directions = 2 if self.bidirectional else 1
-        batch = input.size(0 if self.batch_first else 1) if batched else None
+        if batch is None and batched:
+            batch = input.size(0 if self.batch_first else 1)
         expected = (self.num_layers * num_directions, batch, self.hidden_size)
         if not batched:
             expected = (self.num_layers * num_directions, self.hidden_size)
@@ -265,8 +271,10 @@ class GRU(nn.Module):
             raise RuntimeError(f"Expected hidden size {expected}, got {list(hx.shape)}")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
         if not isinstance(input, Tensor):
-            raise TypeError(f"GRU input must be a Tensor, got {type(input).__name__}")
+            raise TypeError(f"GRU input must be a Tensor or PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"GRU: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
@@ -288,6 +296,40 @@ class GRU(nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)  # (B, T, D*H)
         return output, h_n
+
+    def _forward_packed(self, packed: PackedSequence, hx: Optional[Tensor]) -> tuple[PackedSequence, Tensor]:
+        """Sequences of different lengths, as torch.nn.GRU takes them: each state stops at its
+        sequence's end and never reads padding. hx and h_n are in the caller's batch order."""
+        batch = int(packed.batch_sizes[0])
+        self._check_forward_args(packed.data, hx, True, batch)
+        if hx is None:
+            hx = packed.data.new_zeros(self.num_layers * (2 if self.bidirectional else 1), batch, self.hidden_size)
+        impl = resolve_impl(self.impl, self.reset_after, packed.data.device)
+        sorted_idx = packed.sorted_indices
+        if impl == "torch":
+            hx_sorted = hx if sorted_idx is None else hx.index_select(1, sorted_idx)
+            data, h_n = torch.gru(packed.data, packed.batch_sizes, hx_sorted, self._flat_weights, self.bias,
+                                  self.num_layers, self.dropout, self.training, self.bidirectional)
+            if packed.unsorted_indices is not None:
+                h_n = h_n.index_select(1, packed.unsorted_indices)
+            return PackedSequence(data, packed.batch_sizes, sorted_idx, packed.unsorted_indices), h_n
+        # Run the stack once per group of equal-length sequences, on exactly their steps.
+        padded, lengths = pad_packed_sequence(packed)  # (T, B, I) in the caller's order, (B,)
+        layer_fn = _layer_fn(impl)
+        outputs, states, order = [], [], []
+        for length in lengths.unique().tolist():
+            idx = (lengths == length).nonzero().squeeze(1).to(padded.device)  # (b,)
+            out, h = self._forward_layers(padded[:length, idx], hx[:, idx], layer_fn)  # (len, b, D*H)
+            outputs.append(F.pad(out, (0, 0, 0, 0, 0, padded.size(0) - length)))  # (T, b, D*H)
+            states.append(h)  # (L*D, b, H)
+            order.append(idx)
+        inverse = torch.argsort(torch.cat(order))
+        output = torch.cat(outputs, 1)[:, inverse]  # (T, B, D*H), the caller's order
+        h_n = torch.cat(states, 1)[:, inverse]  # (L*D, B, H)
+        if sorted_idx is not None:
+            output = output[:, sorted_idx]  # the packed layout is sorted by length
+        data = torch.cat([output[t, :n] for t, n in enumerate(packed.batch_sizes.tolist())])
+        return PackedSequence(data, packed.batch_sizes, sorted_idx, packed.unsorted_indices), h_n
 
     def _initial_state(self, input: Tensor) -> Tensor:
         num_directions = 2 if self.bidirectional else 1
