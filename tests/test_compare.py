@@ -38,6 +38,7 @@ def test_compare_cells_table_matches_runs(tmp_path, capsys):
         assert ckpt.model.config.cell == r["run"]
         assert int(r["parameters"]) == count_parameters(ckpt.model)
         assert float(r["tokens_per_s"]) > 0
+        assert float(r["seconds"]) == pytest.approx(metrics[-1]["elapsed"])
     # GRU has 3x, LSTM 4x the recurrent weights of the RNN: the parameter counts must say so
     p = {r["run"]: int(r["parameters"]) for r in rows}
     assert p["rnn"] < p["gru"] < p["lstm"]

@@ -94,7 +94,8 @@ def run(cells: str, overrides: dict, sweep: Optional[str], out: Path, target_ppl
 
 
 COLUMNS = [("run", "run"), ("parameters", "parameters"), ("tokens_per_s", "tokens/s"), ("epochs", "epochs"),
-           ("train_ppl", "train ppl"), ("val_ppl", "val ppl"), ("time_to_target", "s to target")]
+           ("seconds", "seconds"), ("train_ppl", "train ppl"), ("val_ppl", "val ppl"),
+           ("time_to_target", "s to target")]
 
 
 def _fmt(key: str, value) -> str:
@@ -105,6 +106,8 @@ def _fmt(key: str, value) -> str:
     if key == "tokens_per_s":
         return f"{value:,.0f}"
     if isinstance(value, float):
+        if key == "seconds":
+            return f"{value:.1f}"
         return f"{value:.2f}" if key in ("epochs", "time_to_target") else f"{value:.3f}"
     return str(value)
 
