@@ -56,7 +56,11 @@ Two tiers implement this, with the same autograd wrapper:
   rows of W_hh (which stay in its core's cache) and then their gates, and meets
   the other threads at one barrier per step. The backward splits dL/dh the same
   way. A small-GEMM BLAS call on all cores would instead fork and join inside
-  every step, for a GEMM too small to keep two cores busy.
+  every step, for a GEMM too small to keep two cores busy. For float32 with
+  ``reset_after=True`` on AVX2+FMA CPUs the per-step GEMMs are not BLAS calls
+  but the file's own micro-kernel on weights packed once per call, with the
+  gate arithmetic applied to the register tile (and the input projection done
+  per step by the same kernel); float64 and ``reset_after=False`` use BLAS.
 
 ``GRULAB_FUSED_BACKEND=torch|native`` forces a tier (``native`` raises if the
 extension cannot be built); unset, the native tier is tried and, if it does not
