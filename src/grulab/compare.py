@@ -135,7 +135,9 @@ def print_table(results: list[dict], target: float) -> None:
         table.add_column(header, justify="left" if header == "run" else "right")
     for r in results:
         table.add_row(*[_fmt(k, r[k]) for k, _ in COLUMNS])
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 120)  # all columns, even in a narrow or piped terminal
+    console.print(table)
 
 
 def plot(results: list[dict], path: Path) -> Path:
