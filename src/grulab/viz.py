@@ -28,7 +28,7 @@ import html
 import json
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
