@@ -409,3 +409,22 @@ def test_impl_flag_trains_the_same_model_with_torch_kernels(work, tmp_path):
         runs[impl] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(runs["fused"], runs["torch"]):
         assert a["val_ppl"] == pytest.approx(b["val_ppl"], rel=1e-3)
+
+
+@pytest.mark.parametrize("extra,word", [(["--hidden", "3"], "--hidden cannot change on --resume"),
+                                        (["--preset", "d2l"], "--preset cannot change on --resume"),
+                                        (["--cell", "lstm", "--lr", "0.5"], "--cell, --lr cannot change")])
+def test_resume_refuses_changed_settings(trained, extra, word, capsys):
+    run, _ = trained
+    assert main(["train", "--resume", "--out", str(run), *extra]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and word in err[0]
+
+
+def test_resume_with_the_budget_used_up_says_so(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0  # its 2 epochs are done
+    assert "nothing to train" in capsys.readouterr().out
+    assert (run / "metrics.jsonl").read_text() == before
