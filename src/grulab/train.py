@@ -53,8 +53,8 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine (warm-up, then decay to lr/10 over the budget) or constant
     clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     # budget: training stops at whichever ends first
-    epochs: int = 0  # passes over the training text (0 = until --max-minutes)
-    max_minutes: float = 3.0  # wall-clock budget in minutes (0 = until --epochs)
+    epochs: int = 0  # passes over the training text (0 = until --max-minutes); with both, whichever ends first
+    max_minutes: float = 3.0  # wall-clock budget in minutes (0 = until --epochs); with both, whichever ends first
     # run
     seed: int = 0  # seeds the model init, the batches and dropout
     out: str = "runs/latest"  # run directory: checkpoint/, metrics.jsonl, perplexity.png
