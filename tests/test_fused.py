@@ -69,6 +69,15 @@ def test_matches_reference(tier, shape, reset_after, bias, dtype):
     _check_against_reference(tier, shape, reset_after, bias, dtype)
 
 
+def assert_same(got, ref, dtype):
+    """Outputs, final states and every gradient agree to the dtype's tolerance."""
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for g_got, g_ref in zip(got[2], ref[2]):
+        torch.testing.assert_close(g_got, g_ref, **tol)
+
+
 def _check_against_reference(tier, shape, reset_after, bias, dtype):
     """Outputs, h_T and every gradient of the fused layer equal the reference's."""
     T, B, I, H = shape
@@ -76,11 +85,7 @@ def _check_against_reference(tier, shape, reset_after, bias, dtype):
     x, h0 = inputs(T, B, I, H, dtype)
     ref = run_with_grads(lambda *a: reference.gru_layer(*a, reset_after=reset_after), x, h0, params)
     got = run_with_grads(lambda *a: fused.gru_layer(*a, reset_after=reset_after, backend=tier), x, h0, params)
-    tol = TOL[dtype]
-    torch.testing.assert_close(got[0], ref[0], **tol)
-    torch.testing.assert_close(got[1], ref[1], **tol)
-    for g_got, g_ref in zip(got[2], ref[2]):
-        torch.testing.assert_close(g_got, g_ref, **tol)
+    assert_same(got, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -108,11 +113,7 @@ def test_matches_torch_nn_gru(tier, shape, bias, dtype):
 
     ref = run_with_grads(nn_gru, x, h0, params)
     got = run_with_grads(lambda *a: fused.gru_layer(*a, reset_after=True, backend=tier), x, h0, params)
-    tol = TOL[dtype]
-    torch.testing.assert_close(got[0], ref[0], **tol)
-    torch.testing.assert_close(got[1], ref[1], **tol)
-    for g_got, g_ref in zip(got[2], ref[2]):
-        torch.testing.assert_close(g_got, g_ref, **tol)
+    assert_same(got, ref, dtype)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -17,7 +17,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
+from . import checkpoint
 from .errors import UsageError
+from .generate import predict
 from .model import count_parameters
 from .train import TrainConfig, perplexity_axis, pyplot, read_metrics, train
 
@@ -68,9 +70,6 @@ def run(cells: str, overrides: dict, sweep: Optional[str], out: Path, target_ppl
         config = replace(base, out=str(out / label.replace("=", "-")), resume=False, **change)
         print(f"\n=== {label} ===", flush=True)
         last = train(config)
-        from . import checkpoint
-        from .generate import predict
-
         ckpt = checkpoint.load(Path(config.out))
         rows = read_metrics(Path(config.out) / "metrics.jsonl")
         prefix = (config.prefixes or ["The "])[0]
