@@ -145,6 +145,28 @@ def test_partial_grads_and_unused_outputs(tier):
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("grad_x, grad_h0", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("use", ["out", "h_T", "both"])
+def test_grads_when_x_or_h0_need_none(tier, reset_after, grad_x, grad_h0, use):
+    """The backward skips dX and the last dh GEMM when nobody asks for them; the rest must not change."""
+    T, B, I, H = 5, 3, 4, 6
+    params = make_params(I, H, True, torch.float64)
+    x, h0 = (t.detach().requires_grad_(need) for t, need in zip(inputs(T, B, I, H, torch.float64),
+                                                               (grad_x, grad_h0)))
+    leaves = [t for t in (x, h0) if t.requires_grad] + list(params)
+    g = torch.Generator().manual_seed(3)
+    go, gh = torch.randn(T, B, H, generator=g, dtype=torch.float64), torch.randn(B, H, generator=g, dtype=torch.float64)
+
+    def loss(out, h_T):
+        return {"out": (out * go).sum(), "h_T": (h_T * gh).sum(), "both": (out * go).sum() + (h_T * gh).sum()}[use]
+
+    got = torch.autograd.grad(loss(*fused.gru_layer(x, h0, *params, reset_after, backend=tier)), leaves)
+    want = torch.autograd.grad(loss(*reference.gru_layer(x, h0, *params, reset_after)), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_inference_path_saves_nothing(tier, dtype):
     T, B, I, H = 5, 2, 3, 4

@@ -90,83 +90,168 @@ _BACKEND_ENV = "GRULAB_FUSED_BACKEND"
 # ---------------------------------------------------------------------------
 
 
+def _bias_sum(b_ih, b_hh, lo: int, hi: int):
+    """b_ih[lo:hi] + b_hh[lo:hi], either may be None."""
+    parts = [b[lo:hi] for b in (b_ih, b_hh) if b is not None]
+    return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _proj(x2, w, b, out):
+    """x2 W^T + b for all steps at once, written into ``out`` (a view) or a new tensor."""
+    if b is None:
+        return torch.mm(x2, w.t(), out=out) if out is not None else x2 @ w.t()
+    return torch.addmm(b, x2, w.t(), out=out) if out is not None else torch.addmm(b, x2, w.t())
+
+
 class _TorchTier:
-    """The algorithm in torch operations (any device, any floating dtype)."""
+    """The algorithm in torch operations (any device, any floating dtype).
+
+    At these sizes a small op costs more in dispatch than in arithmetic, so the
+    loops hold as few ops as possible: the bias sums, the input projections and
+    every factor of the gate gradients that does not depend on dL/dh are
+    computed in bulk over all T steps, outside the loops, in place in
+    preallocated buffers rather than through temporaries.
+    What stays in the loops is the one GEMM per step and the few ops that must
+    be sequential: 5 per forward step, 3 per backward step (reset_after=True).
+    """
 
     @staticmethod
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool):
         T, B, I = x.shape
         H = h0.shape[1]
-        # Input projections of all steps: one GEMM.
         x2 = x.reshape(T * B, I)  # (T*B, I)
-        gx = (torch.addmm(b_ih, x2, w_ih.t()) if b_ih is not None else x2 @ w_ih.t())  # (T*B, 3H)
-        gx = gx.view(T, B, 3 * H)  # (T, B, 3H)
         out = x.new_empty(T, B, H)  # (T, B, H)
-        saved = x.new_empty(T if save else 1, B, 4 * H)  # (T, B, 4H): r | z | n | c
-        w_hh_rz, w_hh_n = w_hh[: 2 * H], w_hh[2 * H :]  # (2H, H), (H, H)
-        b_hh_rz = b_hh[: 2 * H] if b_hh is not None else None  # (2H,)
-        b_hh_n = b_hh[2 * H :] if b_hh is not None else None  # (H,)
+        outs = out.unbind(0)  # T views (B, H)
+        # g holds the pre-activations as they build up: the input projections of
+        # all steps (one GEMM per gate block) plus the h-side biases that fold in.
+        g = x.new_empty(T, B, 3 * H)  # (T, B, 3H)
+        g2 = g.view(T * B, 3 * H)  # (T*B, 3H)
+        g_t = g.unbind(0)  # T views (B, 3H)
+        g_rz = g[:, :, : 2 * H].unbind(0)  # T views (B, 2H)
+        g_r, g_z, g_n = (g[:, :, k * H : (k + 1) * H].unbind(0) for k in range(3))  # T views (B, H) each
         h = h0  # (B, H)
-        for t in range(T):
-            s = saved[t if save else 0]  # (B, 4H)
-            rz, n, c = s[:, : 2 * H], s[:, 2 * H : 3 * H], s[:, 3 * H :]  # (B, 2H), (B, H), (B, H)
-            if reset_after:
-                gh = torch.addmm(b_hh, h, w_hh.t()) if b_hh is not None else h @ w_hh.t()  # (B, 3H)
-                torch.sigmoid(gx[t, :, : 2 * H] + gh[:, : 2 * H], out=rz)  # (B, 2H)
-                c.copy_(gh[:, 2 * H :])  # (B, H) W_hn h + b_hn
-                torch.tanh(torch.addcmul(gx[t, :, 2 * H :], rz[:, :H], c), out=n)  # (B, H)
-            else:
-                gh = torch.addmm(b_hh_rz, h, w_hh_rz.t()) if b_hh is not None else h @ w_hh_rz.t()  # (B, 2H)
-                torch.sigmoid(gx[t, :, : 2 * H] + gh, out=rz)  # (B, 2H)
-                torch.mul(rz[:, :H], h, out=c)  # (B, H) r ⊙ h
-                ghn = torch.addmm(b_hh_n, c, w_hh_n.t()) if b_hh is not None else c @ w_hh_n.t()  # (B, H)
-                torch.tanh(gx[t, :, 2 * H :] + ghn, out=n)  # (B, H)
-            # h_t = z h + (1 − z) n = n + z (h − n)
-            torch.lerp(n, h, rz[:, H:], out=out[t])  # (B, H)
-            h = out[t]
-        return out, out[T - 1].clone(), saved
+        if reset_after:
+            # a_n = gx_n + r ⊙ c with c = h W_hn^T + b_hn: gx_n goes to gn (which becomes n),
+            # g's n block starts at b_hn, its r, z blocks at gx + b_ih + b_hh.
+            b_rz = _bias_sum(b_ih, b_hh, 0, 2 * H)  # (2H,) or None
+            _proj(x2, w_ih[: 2 * H], b_rz, g2[:, : 2 * H])  # (T*B, 2H)
+            gn = _proj(x2, w_ih[2 * H :], None if b_ih is None else b_ih[2 * H :], None).view(T, B, H)  # (T, B, H)
+            gns = gn.unbind(0)  # T views (B, H)
+            g2[:, 2 * H :] = 0 if b_hh is None else b_hh[2 * H :]  # (T*B, H)
+            w_t = w_hh.t()  # (H, 3H)
+            for t in range(T):
+                g_t[t].addmm_(h, w_t)  # (B, 3H) += h W_hh^T  ->  [a_r, a_z, c]
+                g_rz[t].sigmoid_()  # (B, 2H) [r, z]
+                gns[t].addcmul_(g_r[t], g_n[t]).tanh_()  # (B, H) n = tanh(gx_n + r ⊙ c)
+                h = torch.lerp(gns[t], h, g_z[t], out=outs[t])  # (B, H) z h + (1 − z) n
+            saved = (g, gn)  # [r, z, c] (T, B, 3H) and n (T, B, H)
+        else:
+            # a_n = gx_n + (r ⊙ h) W_hn^T + b_hn: all of b_hh folds into g.
+            _proj(x2, w_ih, _bias_sum(b_ih, b_hh, 0, 3 * H), g2)  # (T*B, 3H)
+            w_rz_t, w_n_t = w_hh[: 2 * H].t(), w_hh[2 * H :].t()  # (H, 2H), (H, H)
+            rh = x.new_empty(T, B, H)  # (T, B, H) r ⊙ h_{t-1}
+            rhs = rh.unbind(0)  # T views (B, H)
+            for t in range(T):
+                g_rz[t].addmm_(h, w_rz_t).sigmoid_()  # (B, 2H) [r, z]
+                torch.mul(g_r[t], h, out=rhs[t])  # (B, H) r ⊙ h
+                g_n[t].addmm_(rhs[t], w_n_t).tanh_()  # (B, H) n
+                h = torch.lerp(g_n[t], h, g_z[t], out=outs[t])  # (B, H)
+            saved = (g, rh)  # [r, z, n] (T, B, 3H) and r ⊙ h_{t-1} (T, B, H)
+        return out, out[T - 1].clone(), (saved if save else None)
+
+    @staticmethod
+    def _prev_mm(dg, out, h0):
+        """dg^T H_prev for dg (T, B, K): Σ_t dg_t^T h_{t-1}, without stacking h_{t-1}.  (K, H)"""
+        T, B, K = dg.shape
+        H = h0.shape[1]
+        res = dg[0].t() @ h0  # (K, H) the t = 0 term
+        if T > 1:
+            res.addmm_(dg[1:].reshape((T - 1) * B, K).t(), out[:-1].reshape((T - 1) * B, H))  # (K, H)
+        return res
 
     @staticmethod
     def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
                  has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool):
         T, B, I = x.shape
         H = h0.shape[1]
-        dh = grad_hT.clone() if grad_hT is not None else h0.new_zeros(B, H)  # (B, H) dL/dh_T
-        dgx = x.new_empty(T, B, 3 * H)  # (T, B, 3H) gradient of the x-side pre-activations
-        dgh = x.new_empty(T, B, 3 * H) if reset_after else dgx  # (T, B, 3H) of the h-side
-        w_hh_rz, w_hh_n = w_hh[: 2 * H], w_hh[2 * H :]  # (2H, H), (H, H)
-        for t in range(T - 1, -1, -1):
-            h_prev = out[t - 1] if t > 0 else h0  # (B, H)
-            r, z, n, c = saved[t].split(H, dim=1)  # each (B, H)
-            d = dh + grad_out[t] if grad_out is not None else dh  # (B, H) dL/dh_t
-            da_r, da_z, da_n = dgx[t].split(H, dim=1)  # views, each (B, H)
-            torch.mul(d * (1 - z), 1 - n * n, out=da_n)  # (B, H)
-            torch.mul(d * (h_prev - n), z * (1 - z), out=da_z)  # (B, H)
-            if reset_after:
-                torch.mul(da_n * c, r * (1 - r), out=da_r)  # (B, H)
-                dgh[t, :, : 2 * H] = dgx[t, :, : 2 * H]  # (B, 2H)
-                torch.mul(da_n, r, out=dgh[t, :, 2 * H :])  # (B, H)
-                dh = torch.addmm(d * z, dgh[t], w_hh)  # (B, H) = d z + (B, 3H) @ (3H, H)
-            else:
-                dc = da_n @ w_hh_n  # (B, H) dL/d(r ⊙ h)
-                torch.mul(dc * h_prev, r * (1 - r), out=da_r)  # (B, H)
-                dh = torch.addmm(torch.addcmul(d * z, dc, r), dgx[t, :, : 2 * H], w_hh_rz)  # (B, H)
-
-        # Everything batched over time: one GEMM or reduction each.
-        dgx2 = dgx.view(T * B, 3 * H)  # (T*B, 3H)
-        dgh2 = dgh.view(T * B, 3 * H)  # (T*B, 3H)
-        dx = (dgx2 @ w_ih).view(T, B, I) if need_x else None  # (T, B, I)
-        dw_ih = dgx2.t() @ x.reshape(T * B, I)  # (3H, I)
-        h_prev_all = torch.cat([h0.unsqueeze(0), out[:-1]]).view(T * B, H)  # (T*B, H)
-        if reset_after:
-            dw_hh = dgh2.t() @ h_prev_all  # (3H, H)
+        g, extra = saved
+        # d = dL/dh_t, carried backwards; it starts as dL/dh_{T-1}.
+        if grad_out is not None:
+            d = grad_out[T - 1] + grad_hT if grad_hT is not None else grad_out[T - 1].clone()  # (B, H)
         else:
-            rh = saved[:, :, 3 * H :].reshape(T * B, H)  # (T*B, H) r ⊙ h_{t-1}
-            dw_hh = torch.cat([dgx2[:, : 2 * H].t() @ h_prev_all,  # (2H, H)
-                               dgx2[:, 2 * H :].t() @ rh])  # (H, H)
-        db_ih = dgx2.sum(0) if has_b_ih else None  # (3H,)
-        db_hh = dgh2.sum(0) if has_b_hh else None  # (3H,)
-        return dx, (dh if need_h0 else None), dw_ih, dw_hh, db_ih, db_hh
+            d = grad_hT.clone()  # (B, H)
+        gos = grad_out.unbind(0) if grad_out is not None else None  # T views (B, H)
+        r, z, c_or_n = g.view(T, B, 3, H).unbind(2)  # each (T, B, H)
+        if reset_after:
+            c, n = c_or_n, extra  # (T, B, H) each
+            # Every gate gradient is d times a factor known before the loop (module docstring):
+            #   da_r = d·A·c·r(1−r), da_z = d·(h−n)·z(1−z), da_n·r = d·A·r, da_n = d·A, and d·z,
+            # with A = (1−z)(1−n²). s holds these factors [C_r, B_z, D_n, A, z]; the loop turns
+            # them into gradients in place, so s[:, :, 0:3] ends up as dG_h and [0, 1, 3] as dG_x.
+            s = x.new_empty(T, B, 5, H)  # (T, B, 5, H)
+            s_r, s_z, s_dn, s_a, s_zz = s.unbind(2)  # each (T, B, H), views
+            s_zz.copy_(z)  # z
+            torch.addcmul(z, z, z, value=-1, out=s_z)  # z (1 − z)
+            torch.sub(out[:-1], n[1:], out=s_dn[1:])  # h_{t-1} − n   (scratch)
+            torch.sub(h0, n[0], out=s_dn[0])
+            s_z.mul_(s_dn)  # B_z = (h − n) z (1 − z)
+            torch.mul(n, n, out=s_a).sub_(1)  # n² − 1
+            torch.sub(z, 1, out=s_dn)  # z − 1   (scratch)
+            s_a.mul_(s_dn)  # A = (1 − z)(1 − n²)
+            torch.mul(s_a, r, out=s_dn)  # D_n = A r
+            torch.addcmul(r, r, r, value=-1, out=s_r).mul_(c).mul_(s_a)  # C_r = A c r (1 − r)
+            s_t = s.unbind(0)  # T views (B, 5, H)
+            s_dgh = s[:, :, 0:3].unbind(0)  # T views (B, 3, H)
+            s_dz = s_zz.unbind(0)  # T views (B, H)
+            for t in range(T - 1, -1, -1):
+                s_t[t].mul_(d.unsqueeze(1))  # (B, 5, H) [da_r, da_z, da_n r, da_n, d z]
+                if t > 0 and gos is not None:
+                    s_dz[t].add_(gos[t - 1])  # (B, H) d z + dL/dout_{t-1}
+                if t > 0 or need_h0:
+                    d = torch.addmm(s_dz[t], s_dgh[t].reshape(B, 3 * H), w_hh)  # (B, H) + (B, 3H) @ (3H, H)
+            dgh = s[:, :, 0:3].reshape(T, B, 3 * H)  # (T, B, 3H) view, row stride 5H
+            dgx_rz = s[:, :, 0:2].reshape(T * B, 2 * H)  # (T*B, 2H) view
+            dgx_n = s_a.reshape(T * B, H)  # (T*B, H) view
+            dw_hh = _TorchTier._prev_mm(dgh, out, h0)  # (3H, H)
+            db_hh = dgh.sum((0, 1)) if has_b_hh else None  # (3H,)
+        else:
+            n, rh = c_or_n, extra  # (T, B, H) each; rh = r ⊙ h_{t-1}
+            w_rz, w_n = w_hh[: 2 * H], w_hh[2 * H :]  # (2H, H), (H, H)
+            # Factors known before the loop: [B_z, A] for (da_z, da_n) and e = h·r(1−r) for da_r.
+            k = x.new_empty(T, B, 2, H)  # (T, B, 2, H)
+            k_z, k_a = k.unbind(2)  # (T, B, H) each
+            e = torch.addcmul(r, r, r, value=-1)  # (T, B, H) r (1 − r)
+            torch.mul(e[1:], out[:-1], out=e[1:])  # h_{t-1} r (1 − r)
+            e[0].mul_(h0)
+            torch.addcmul(z, z, z, value=-1, out=k_z)  # z (1 − z)
+            torch.sub(out[:-1], n[1:], out=k_a[1:])  # h − n (scratch)
+            torch.sub(h0, n[0], out=k_a[0])
+            k_z.mul_(k_a)  # B_z
+            torch.mul(n, n, out=k_a).sub_(1).mul_(z - 1)  # A
+            dg = x.new_empty(T, B, 3, H)  # (T, B, 3, H) [da_r, da_z, da_n]
+            for t in range(T - 1, -1, -1):
+                dgt = dg[t]  # (B, 3, H)
+                torch.mul(k[t], d.unsqueeze(1), out=dgt[:, 1:3])  # (B, 2, H) [da_z, da_n]
+                dc = dgt[:, 2] @ w_n  # (B, H) dL/d(r ⊙ h)
+                torch.mul(dc, e[t], out=dgt[:, 0])  # (B, H) da_r
+                acc = torch.addcmul(d * z[t], dc, r[t])  # (B, H) d z + dc r
+                if t > 0 and gos is not None:
+                    acc += gos[t - 1]  # (B, H)
+                d = acc.addmm_(dgt[:, 0:2].reshape(B, 2 * H), w_rz)  # (B, H) + (B, 2H) @ (2H, H)
+            dgx = dg.view(T * B, 3 * H)  # (T*B, 3H)
+            dgx_rz, dgx_n = dgx[:, : 2 * H], dgx[:, 2 * H :]  # (T*B, 2H), (T*B, H)
+            dw_hh = torch.cat([_TorchTier._prev_mm(dg[:, :, 0:2].reshape(T, B, 2 * H), out, h0),  # (2H, H)
+                               dgx_n.t() @ rh.view(T * B, H)])  # (H, H)
+            db_hh = dgx.sum(0) if has_b_hh else None  # (3H,)
+
+        # The x side, batched over time: one GEMM or reduction per gate block.
+        x2 = x.reshape(T * B, I)  # (T*B, I)
+        dw_ih = torch.cat([dgx_rz.t() @ x2, dgx_n.t() @ x2])  # (3H, I)
+        db_ih = torch.cat([dgx_rz.sum(0), dgx_n.sum(0)]) if has_b_ih else None  # (3H,)
+        dx = None
+        if need_x:
+            dx = torch.addmm(dgx_n @ w_ih[2 * H :], dgx_rz, w_ih[: 2 * H]).view(T, B, I)  # (T, B, I)
+        return dx, (d if need_h0 else None), dw_ih, dw_hh, db_ih, db_hh
 
     @staticmethod
     def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool):
@@ -282,12 +367,12 @@ class _NativeTier:
     @staticmethod
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool):
         out, h_T, saved = _native_module.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save)
-        return out, h_T, saved
+        return out, h_T, (saved,)
 
     @staticmethod
     def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
                  has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool):
-        return tuple(_native_module.backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved,
+        return tuple(_native_module.backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0],
                                              reset_after, has_b_ih, has_b_hh, need_x, need_h0))
 
     @staticmethod
@@ -322,7 +407,7 @@ class _FusedGRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tier, reset_after, x, h0, w_ih, w_hh, b_ih, b_hh):
         out, h_T, saved = tier.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, saved)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out, *saved)  # saved: the tier's tuple of tensors
         ctx.tier, ctx.reset_after = tier, reset_after
         ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
@@ -331,7 +416,7 @@ class _FusedGRUFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_hT):
-        x, h0, w_ih, w_hh, out, saved = ctx.saved_tensors
+        x, h0, w_ih, w_hh, out, *saved = ctx.saved_tensors
         if grad_out is None and grad_hT is None:
             return (None,) * 8
         need = ctx.needs_input_grad  # (tier, reset_after, x, h0, w_ih, w_hh, b_ih, b_hh)
