@@ -264,3 +264,24 @@ def test_env_forces_torch_and_import_does_not_compile():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "torch"
+
+
+def test_scratch_reuse_across_calls_and_shapes(tier):
+    """Both tiers keep scratch buffers between calls: results of one call must not
+    alias them (a later call must not change them) and shapes may grow or shrink."""
+    results = []
+    for T, B, I, H in [(6, 4, 5, 8), (3, 2, 5, 4), (9, 5, 3, 8), (6, 4, 5, 8)]:
+        params = make_params(I, H, True, torch.float32, seed=T)
+        x, h0 = inputs(T, B, I, H, torch.float32, seed=B)
+        out, h_T, grads = run_with_grads(lambda *a: fused.gru_layer(*a, backend=tier), x, h0, params)
+        ref = run_with_grads(reference.gru_layer, x, h0, params)
+        for a, b in zip(grads, ref[2]):
+            torch.testing.assert_close(a, b, **TOL[torch.float32])
+        results.append((grads, [g.clone() for g in grads]))
+    for grads, copies in results:  # nothing returned earlier was overwritten later
+        for a, b in zip(grads, copies):
+            assert torch.equal(a, b)
+    fused.release_scratch()
+    _, _, again = run_with_grads(lambda *a: fused.gru_layer(*a, backend=tier), x, h0, params)
+    for a, b in zip(again, results[-1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
