@@ -15,6 +15,7 @@ Usage::
     python benchmarks/bench_gru.py            # full run, writes benchmarks/results.md
     python benchmarks/bench_gru.py --quick    # small shape + generation only
     python benchmarks/bench_gru.py --out FILE # write the table elsewhere
+    python benchmarks/bench_gru.py --runs 3   # three runs, each ratio with its range
 
 The machine's load average is recorded before and after: the numbers are only
 comparable when nothing else runs on the machine.
@@ -159,47 +160,65 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms"
 
 
+def make_table(runs: list) -> str:
+    """Markdown table: per workload and contender, time and ratio to torch.nn.GRU (ranges over runs)."""
+    contenders = []
+    for rows in runs:
+        for _, _, res in rows:
+            contenders += [c for c in res if c not in contenders]
+    header = "| workload | (B, T, I, H) | " + " | ".join(contenders) + " |"
+    lines = [header, "|" + "---|" * (2 + len(contenders))]
+    for i, (work, shape, _) in enumerate(runs[0]):
+        per_run = [rows[i][2] for rows in runs]  # {contender: seconds} of this row in every run
+        cells = []
+        for c in contenders:
+            if c not in per_run[0]:
+                cells.append("not run" if c == "reference" else "–")
+                continue
+            t = statistics.median(res[c] for res in per_run)
+            if c == "torch.nn.GRU":
+                cells.append(fmt_time(t))
+                continue
+            ratios = [res["torch.nn.GRU"] / res[c] for res in per_run]
+            cell = f"{fmt_time(t)} ({statistics.median(ratios):.2f}×"
+            cell += f" [{min(ratios):.2f}–{max(ratios):.2f}])" if len(runs) > 1 else ")"
+            cells.append(cell)
+        lines.append(f"| {work} | {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shape and generation only, few repetitions")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"),
                     help="markdown file to write (default: benchmarks/results.md)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the whole measurement N times and report each ratio's range "
+                         "(the machine's speed drifts over minutes; interleaving only evens out seconds)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's default, the number of cores)")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        ap.error(f"--runs must be >= 1, got {args.runs}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     print(f"building/loading the native tier ... backend={fused.backend()}", flush=True)
     load_before = os.getloadavg()
-    rows = []  # (workload, shape, {contender: seconds})
     reps_small = 10 if args.quick else 30
-    fb, inf = train_and_infer(SMALL, reps_small, with_reference=True)
-    rows += [("fwd+bwd", SMALL, fb), ("fwd (no_grad)", SMALL, inf)]
-    print("small shape done", flush=True)
-    if not args.quick:
-        fb, inf = train_and_infer(LARGE, 5, with_reference=False)
-        rows += [("fwd+bwd", LARGE, fb), ("fwd (no_grad)", LARGE, inf)]
-        print("large shape done", flush=True)
-    rows.append(("gen/token", GEN, generation(GEN, 10 if args.quick else 30, 200)))
-
-    contenders = []
-    for _, _, res in rows:
-        contenders += [c for c in res if c not in contenders]
-    header = "| workload | (B, T, I, H) | " + " | ".join(contenders) + " |"
-    lines = [header, "|" + "---|" * (2 + len(contenders))]
-    for work, shape, res in rows:
-        base = res["torch.nn.GRU"]
-        cells = []
-        for c in contenders:
-            if c not in res:
-                cells.append("not run" if c == "reference" else "–")
-            elif c == "torch.nn.GRU":
-                cells.append(fmt_time(res[c]))
-            else:
-                cells.append(f"{fmt_time(res[c])} ({base / res[c]:.2f}×)")
-        lines.append(f"| {work} | {shape} | " + " | ".join(cells) + " |")
+    runs = []  # one list of (workload, shape, {contender: seconds}) per run
+    for run in range(args.runs):
+        rows = []
+        fb, inf = train_and_infer(SMALL, reps_small, with_reference=True)
+        rows += [("fwd+bwd", SMALL, fb), ("fwd (no_grad)", SMALL, inf)]
+        if not args.quick:
+            fb, inf = train_and_infer(LARGE, 5, with_reference=False)
+            rows += [("fwd+bwd", LARGE, fb), ("fwd (no_grad)", LARGE, inf)]
+        rows.append(("gen/token", GEN, generation(GEN, 10 if args.quick else 30, 200)))
+        runs.append(rows)
+        print(f"run {run + 1}/{args.runs} done", flush=True)
+    table = make_table(runs)
 
     load_after = os.getloadavg()
     env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
@@ -213,9 +232,10 @@ def main(argv=None) -> int:
         f"(on {os.cpu_count()} CPUs; above ~0.5 other processes were competing for the cores)",
         f"- medians of interleaved repetitions ({reps_small} small / 5 large / {10 if args.quick else 30}×200 tokens); "
         "ratio = speedup vs torch.nn.GRU; the reference tier is not run at the large shape (too slow)",
+        f"- runs: {args.runs}" + (" (each cell: median time over the runs, median ratio, and the "
+                                   "ratio's range over the runs in brackets)" if args.runs > 1 else ""),
         f"- command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}",
     ]
-    table = "\n".join(lines)
     print()
     print("\n".join(meta))
     print()
