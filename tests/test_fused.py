@@ -285,3 +285,17 @@ def test_scratch_reuse_across_calls_and_shapes(tier):
     _, _, again = run_with_grads(lambda *a: fused.gru_layer(*a, backend=tier), x, h0, params)
     for a, b in zip(again, results[-1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("threads", [3, 4])
+@pytest.mark.parametrize("shape", [(4, 9, 5, 67), (3, 8, 6, 128)])
+def test_oversubscribed_threads_share_panels(tier, shape, threads):
+    """More threads than cores: the OS runs them unevenly, so threads take each other's
+    panels (forward and backward of the float32 packed path); results must not change."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):
+            _check_against_reference(tier, shape, True, True, torch.float32)
+    finally:
+        torch.set_num_threads(before)

@@ -67,6 +67,9 @@ Two tiers implement this, with the same autograd wrapper:
   but the file's own micro-kernel on weights packed once per call, with the
   gate arithmetic applied to the register tile (and the input projection done
   per step by the same kernel); float64 and ``reset_after=False`` use BLAS.
+  On that path a thread that has finished its own units' panels takes the
+  remaining panels of a slower thread (atomic claims, same results bit for
+  bit), so a vCPU that runs slow for a moment does not hold up the step.
 
 ``GRULAB_FUSED_BACKEND=torch|native`` forces a tier (``native`` raises if the
 extension cannot be built); unset, the native tier is tried and, if it does not

@@ -31,7 +31,9 @@
 // one process, interleaved): blocking K by 256 (at H = 1024, K = 3H = 3072)
 // and 4 × 24 or 6 × 16 register tiles instead of 4 × 16: all within ±3%.
 // What did pay: keeping the scratch buffers between calls (see scratch()),
-// −14% forward + backward at the small shape.
+// −14% forward + backward at the small shape; sharing the per-step panels
+// between the threads (PanelQueue), −8 to −11% forward + backward at the small
+// shape, neutral at the large one.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -44,6 +46,8 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -272,7 +276,7 @@ void gemm_serial(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, 
 // not kept. release_scratch() frees the calling thread's set.
 // ---------------------------------------------------------------------------
 constexpr int64_t kScratchCap = int64_t(256) << 20;
-enum ScratchSlot { kGx = 0, kDgx = 1, kDgh = 2, kNumSlots = 3 };
+enum ScratchSlot { kGx = 0, kDgx = 1, kDgh = 2, kPackHH = 3, kPackIH = 4, kPackCols = 5, kNumSlots = 6 };
 
 std::vector<Tensor>& scratch_set() {
   thread_local std::vector<Tensor>* set = new std::vector<Tensor>(kNumSlots);  // never destroyed
@@ -303,6 +307,54 @@ inline void hidden_slice(int64_t H, int nthreads, int k, int64_t& j0, int64_t& j
   j0 = std::min<int64_t>(H, k * chunk);
   j1 = std::min<int64_t>(H, j0 + chunk);
 }
+
+// Work sharing for the per-step loops. The P panels of a step are split into
+// one home range per thread (the same units every step, so their packed
+// weights stay in that core's cache); a thread takes panels from the front of
+// its own range and, when that is empty, helps the others by taking from
+// theirs. Claims are atomic, so every panel is done once. On a quiet machine
+// each thread does its own range; on a VM whose vCPUs run at different speeds
+// from moment to moment (measured: the same per-step GEMMs 2.6 ms on one
+// thread, 4.7 ms on the other) the faster one no longer waits at the barrier.
+// Two sets of cursors alternate between steps: while step t runs on set t % 2,
+// thread 0 resets set (t + 1) % 2, which nobody uses until after the barrier.
+class PanelQueue {
+ public:
+  PanelQueue(int64_t panels, int nthreads)
+      : n_(nthreads), lo_(nthreads), hi_(nthreads), cur_(new Cursor[2 * nthreads]) {
+    for (int k = 0; k < n_; ++k) {
+      lo_[k] = panels * k / n_;
+      hi_[k] = panels * (k + 1) / n_;
+    }
+    reset(0);
+    reset(1);
+  }
+  int64_t home_lo(int k) const { return lo_[k]; }
+  int64_t home_hi(int k) const { return hi_[k]; }
+  void reset(int set) {
+    for (int k = 0; k < n_; ++k) cur_[set * n_ + k].v.store(lo_[k], std::memory_order_relaxed);
+  }
+  // f(p) for every panel p this thread claims in cursor set `set`.
+  template <typename F>
+  void run(int set, int k, F&& f) {
+    for (int i = 0; i < n_; ++i) {
+      const int o = (k + i) % n_;
+      for (;;) {
+        const int64_t p = cur_[set * n_ + o].v.fetch_add(1, std::memory_order_relaxed);
+        if (p >= hi_[o]) break;
+        f(p);
+      }
+    }
+  }
+
+ private:
+  struct alignas(64) Cursor {
+    std::atomic<int64_t> v{0};
+  };
+  int n_;
+  std::vector<int64_t> lo_, hi_;
+  std::unique_ptr<Cursor[]> cur_;
+};
 
 // Threads for the time loop: torch's intra-op count, unless a step is so small
 // that a barrier per step costs more than it saves.
@@ -435,27 +487,35 @@ void forward_packed(const float* x,     // (T, B, I)
                     float* out,         // (T, B, H)
                     float* saved) {     // (T or 1, B, 4H)
   const int nt = loop_threads(B, H);
+  const int64_t P = (H + kPanel - 1) / kPanel;  // panels of 8 units
+  PanelQueue queue(P, nt);
+  // All panels of W_hh and W_ih, packed (see above); each thread packs its home range.
+  Tensor packed_hh_t = scratch(kPackHH, {P * H * 3 * kPanel}, at::kFloat);
+  Tensor packed_ih_t = scratch(kPackIH, {P * I * 3 * kPanel}, at::kFloat);
+  float* const packed_hh = packed_hh_t.data_ptr<float>();
+  float* const packed_ih = packed_ih_t.data_ptr<float>();
 #pragma omp parallel num_threads(nt)
   {
-    const int k = omp_get_thread_num(), nk = omp_get_num_threads();
-    int64_t j0, j1;
-    hidden_slice(H, nk, k, j0, j1);
-    const int64_t npanels = (j1 - j0 + kPanel - 1) / kPanel;
-    thread_local std::vector<float> packed_hh, packed_ih;  // kept: see scratch()
-    packed_hh.resize(std::max<int64_t>(npanels, 1) * H * 3 * kPanel);
-    packed_ih.resize(std::max<int64_t>(npanels, 1) * I * 3 * kPanel);
-    pack_gate_rows(w_hh, H, H, j0, j1, packed_hh.data());
-    pack_gate_rows(w_ih, H, I, j0, j1, packed_ih.data());
+    const int k = omp_get_thread_num();
+    {
+      const int64_t u0 = queue.home_lo(k) * kPanel, u1 = std::min(H, queue.home_hi(k) * kPanel);
+      if (u1 > u0) {
+        pack_gate_rows(w_hh, H, H, u0, u1, packed_hh + queue.home_lo(k) * H * 3 * kPanel);
+        pack_gate_rows(w_ih, H, I, u0, u1, packed_ih + queue.home_lo(k) * I * 3 * kPanel);
+      }
+    }
+#pragma omp barrier  // a thread may take panels that another one packed
 
     for (int64_t t = 0; t < Tn; ++t) {
       const float* hp = t == 0 ? h0 : out + (t - 1) * B * H;  // (B, H) h_{t-1}
       const float* xt = x + t * B * I;                        // (B, I) x_t
       float* ht = out + t * B * H;                            // (B, H) h_t
       float* sv = saved + (save ? t : 0) * B * 4 * H;         // (B, 4H)
-      for (int64_t p = 0; p < npanels; ++p) {
-        const int64_t u0 = j0 + p * kPanel, nu = std::min(kPanel, j1 - u0);
-        const float* panel_hh = packed_hh.data() + p * H * 3 * kPanel;
-        const float* panel_ih = packed_ih.data() + p * I * 3 * kPanel;
+      if (k == 0) queue.reset((t + 1) % 2);
+      queue.run(t % 2, k, [&](int64_t p) {
+        const int64_t u0 = p * kPanel, nu = std::min(kPanel, H - u0);
+        const float* panel_hh = packed_hh + p * H * 3 * kPanel;
+        const float* panel_ih = packed_ih + p * I * 3 * kPanel;
         for (int64_t b0 = 0; b0 < B; b0 += kRows) {
           // Rows past B repeat the last row; their results are not stored.
           auto row = [&](const float* m, int64_t ld, int64_t i) {
@@ -498,7 +558,7 @@ void forward_packed(const float* x,     // (T, B, I)
             }
           }
         }
-      }
+      });
 #pragma omp barrier  // step t+1 reads all of h_t
     }
   }
@@ -872,7 +932,9 @@ inline void gemm_acc_packed_any(int64_t, int64_t, const double*, int64_t, const 
 // ---------------------------------------------------------------------------
 // Backward time loop. Threads split the hidden units again: thread k computes
 // the gate gradients of its units, and after a barrier (the GEMM needs the
-// whole dG_h row) its columns of dL/dh_{t-1} = d ⊙ z + dG_h W_hh.
+// whole dG_h row) its columns of dL/dh_{t-1} = d ⊙ z + dG_h W_hh. On the packed
+// path (float32, reset_after) the GEMM's column panels go through a PanelQueue
+// instead, and a second barrier ends the step.
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -890,19 +952,25 @@ void backward_loop(const T* grad_out,  // (T, B, H) or (1, B, H) of zeros (go_st
   T* const buf[2] = {dh, dh_other.data()};  // dL/dh_t and dL/dh_{t-1}, swapped each step
   T* drh = drh_buf.data();                  // (B, H) dL/d(r ⊙ h_{t-1})  (reset_after=False)
   const int nt = loop_threads(B, H);
+  // float32, reset_after: all columns of W_hh packed into panels of kCols units,
+  // each thread packing its home range; the per-step GEMM is shared panel by
+  // panel through a PanelQueue (see forward_packed).
+  constexpr bool kPackedPath = std::is_same<T, float>::value && kHavePacked;
+  const bool packed = kPackedPath && reset_after;
+  const int64_t P = (H + kCols - 1) / kCols;
+  PanelQueue queue(P, nt);
+  Tensor w_cols_t = packed ? scratch(kPackCols, {P * 3 * H * kCols}, at::kFloat) : Tensor();
+  T* const w_cols = packed ? reinterpret_cast<T*>(w_cols_t.data_ptr<float>()) : nullptr;
 #pragma omp parallel num_threads(nt)
   {
     const int k = omp_get_thread_num(), nk = omp_get_num_threads();
     int64_t j0, j1;
     hidden_slice(H, nk, k, j0, j1);
     const int64_t hk = j1 - j0;
-    // float32, reset_after: this thread's columns of W_hh, packed once for all steps.
-    constexpr bool kPackedPath = std::is_same<T, float>::value && kHavePacked;
-    thread_local std::vector<T> w_cols;  // kept: see scratch()
-    w_cols.clear();
-    if (kPackedPath && reset_after && hk > 0) {
-      w_cols.resize(((hk + kCols - 1) / kCols) * 3 * H * kCols);
-      pack_columns_any(w_hh, H, 3 * H, j0, j1, w_cols.data());
+    if (packed) {
+      const int64_t u0 = queue.home_lo(k) * kCols, u1 = std::min(H, queue.home_hi(k) * kCols);
+      if (u1 > u0) pack_columns_any(w_hh, H, 3 * H, u0, u1, w_cols + queue.home_lo(k) * 3 * H * kCols);
+#pragma omp barrier  // a thread may take panels that another one packed
     }
 
     for (int64_t t = Tn - 1; t >= 0; --t) {
@@ -940,11 +1008,18 @@ void backward_loop(const T* grad_out,  // (T, B, H) or (1, B, H) of zeros (go_st
           }
         }
 #pragma omp barrier  // the GEMM reads the whole dG_h row
-        // dhp[:, j0:j1] (B, hk) += dG_h (B, 3H) @ W_hh[:, j0:j1] (3H, hk)
-        if (!w_cols.empty())
-          gemm_acc_packed_any(B, 3 * H, dght, 3 * H, w_cols.data(), j0, j1, dhp, H);
-        else
+        if (packed) {
+          // dhp[:, u0:u1] (B, 16) += dG_h (B, 3H) @ W_hh[:, u0:u1] (3H, 16), panel by panel
+          if (k == 0) queue.reset((Tn - t) % 2);
+          queue.run((Tn - 1 - t) % 2, k, [&](int64_t p) {
+            const int64_t u0 = p * kCols, u1 = std::min(H, u0 + kCols);
+            gemm_acc_packed_any(B, 3 * H, dght, 3 * H, w_cols + p * 3 * H * kCols, u0, u1, dhp, H);
+          });
+#pragma omp barrier  // the next step's gate pass reads its units of dhp, done by any thread
+        } else {
+          // dhp[:, j0:j1] (B, hk) += dG_h (B, 3H) @ W_hh[:, j0:j1] (3H, hk)
           gemm_serial<T>(false, false, B, hk, 3 * H, dght, 3 * H, w_hh + j0, H, T(1), dhp + j0, H);
+        }
       } else {
         for (int64_t b = 0; b < B; ++b) {
           const T* s = sv + b * 4 * H;
