@@ -201,6 +201,18 @@ class _TorchTier:
         return out, out[T - 1].clone(), (saved if save else None)
 
     @staticmethod
+    def _update_factors(z, n, out, h0, b_z, a, scratch):
+        """The factors of da_z and da_n shared by both variants, written in place (all (T, B, H)):
+        b_z = (h_{t-1} − n) z (1 − z) and a = A = (1 − z)(1 − n²); ``scratch`` is overwritten."""
+        torch.addcmul(z, z, z, value=-1, out=b_z)  # z (1 − z)
+        torch.sub(out[:-1], n[1:], out=scratch[1:])  # h_{t-1} − n
+        torch.sub(h0, n[0], out=scratch[0])
+        b_z.mul_(scratch)  # B_z
+        torch.mul(n, n, out=a).sub_(1)  # n² − 1
+        torch.sub(z, 1, out=scratch)  # z − 1
+        a.mul_(scratch)  # A = (1 − z)(1 − n²)
+
+    @staticmethod
     def _prev_mm(dg, out, h0):
         """dg^T H_prev for dg (T, B, K): Σ_t dg_t^T h_{t-1}, without stacking h_{t-1}.  (K, H)"""
         T, B, K = dg.shape
@@ -232,13 +244,7 @@ class _TorchTier:
             s = _scratch_buffer("s", (T, B, 5, H), x)  # (T, B, 5, H)
             s_r, s_z, s_dn, s_a, s_zz = s.unbind(2)  # each (T, B, H), views
             s_zz.copy_(z)  # z
-            torch.addcmul(z, z, z, value=-1, out=s_z)  # z (1 − z)
-            torch.sub(out[:-1], n[1:], out=s_dn[1:])  # h_{t-1} − n   (scratch)
-            torch.sub(h0, n[0], out=s_dn[0])
-            s_z.mul_(s_dn)  # B_z = (h − n) z (1 − z)
-            torch.mul(n, n, out=s_a).sub_(1)  # n² − 1
-            torch.sub(z, 1, out=s_dn)  # z − 1   (scratch)
-            s_a.mul_(s_dn)  # A = (1 − z)(1 − n²)
+            _TorchTier._update_factors(z, n, out, h0, s_z, s_a, s_dn)  # B_z, A (s_dn as scratch)
             torch.mul(s_a, r, out=s_dn)  # D_n = A r
             torch.addcmul(r, r, r, value=-1, out=s_r).mul_(c).mul_(s_a)  # C_r = A c r (1 − r)
             s_t = s.unbind(0)  # T views (B, 5, H)
@@ -264,11 +270,7 @@ class _TorchTier:
             e = torch.addcmul(r, r, r, value=-1)  # (T, B, H) r (1 − r)
             torch.mul(e[1:], out[:-1], out=e[1:])  # h_{t-1} r (1 − r)
             e[0].mul_(h0)
-            torch.addcmul(z, z, z, value=-1, out=k_z)  # z (1 − z)
-            torch.sub(out[:-1], n[1:], out=k_a[1:])  # h − n (scratch)
-            torch.sub(h0, n[0], out=k_a[0])
-            k_z.mul_(k_a)  # B_z
-            torch.mul(n, n, out=k_a).sub_(1).mul_(z - 1)  # A
+            _TorchTier._update_factors(z, n, out, h0, k_z, k_a, torch.empty_like(z))  # B_z, A
             dg = _scratch_buffer("s", (T, B, 3, H), x)  # (T, B, 3, H) [da_r, da_z, da_n]
             for t in range(T - 1, -1, -1):
                 dgt = dg[t]  # (B, 3, H)
