@@ -197,6 +197,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import kernels
+
+    query = kernels.Query(args.device, getattr(torch, args.dtype), not args.reset_before)
+    print(kernels.report(query))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .train import PRESETS, TrainConfig
@@ -249,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=2.0, help="training budget for the austen demo (default: 2)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="tensor dtype (default: float32)")
+    p.add_argument("--device", default="cpu", help="device type (default: cpu)")
+    p.add_argument("--reset-before", action="store_true", help="ask for the notes' reset-before cell (default: reset-after)")
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 
