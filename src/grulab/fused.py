@@ -54,26 +54,25 @@ Two tiers implement this, with the same autograd wrapper:
   da_n·r = d·A·r are all d times a per-step factor, computed in bulk over all
   T steps first. A backward step is then one broadcast multiply, one add and
   the GEMM (3 ops instead of ~19); a forward step is the GEMM and 4 ops.
-* ``"native"``: ``csrc/gru.cpp``, the whole time loop in C++ with the gate
-  arithmetic fused in vectorised loops, compiled on first use with
-  ``torch.utils.cpp_extension`` (float32/float64 CPU tensors only). Its
-  threads split the *hidden units*: thread k owns units [j0, j1), computes
-  their three gate columns of h W_hh^T with a single-threaded GEMM on its own
-  rows of W_hh (which stay in its core's cache) and then their gates, and meets
-  the other threads at one barrier per step. The backward splits dL/dh the same
-  way. A small-GEMM BLAS call on all cores would instead fork and join inside
-  every step, for a GEMM too small to keep two cores busy. For float32 with
-  ``reset_after=True`` on AVX2+FMA CPUs the per-step GEMMs are not BLAS calls
-  but the file's own micro-kernel on weights packed once per call, with the
-  gate arithmetic applied to the register tile (and the input projection done
-  per step by the same kernel); float64 and ``reset_after=False`` use BLAS.
-  On that path a thread that has finished its own units' panels takes the
-  remaining panels of a slower thread (atomic claims, same results bit for
-  bit), so a vCPU that runs slow for a moment does not hold up the step.
+* ``"native"``: ``csrc/``, the whole time loop in C++ with the gate
+  arithmetic fused in vectorised loops (float32/float64 CPU tensors only),
+  built when grulab is installed (:mod:`grulab.native`) and compiled once per
+  instruction set, so :mod:`grulab.kernels` can pick ``native-avx512``,
+  ``native-avx2`` or ``native-generic`` for the CPU at hand. Its threads split
+  the *hidden units*: thread k owns units [j0, j1), computes their three gate
+  columns of h W_hh^T with a single-threaded GEMM on its own rows of W_hh
+  (which stay in its core's cache) and then their gates, and meets the other
+  threads at one barrier per step. The backward splits dL/dh the same way.
+  For float32 with ``reset_after=True`` the AVX2 and AVX-512 builds replace
+  the per-step GEMMs by the file's own micro-kernel on weights packed once per
+  call, with the gate arithmetic applied to the register tile; a thread that
+  has finished its own panels takes the remaining ones of a slower thread.
 
-``GRULAB_FUSED_BACKEND=torch|native`` forces a tier (``native`` raises if the
-extension cannot be built); unset, the native tier is tried and, if it does not
-compile, one warning is issued and the torch tier is used.
+Both tiers are reached through torch operators (``torch.ops.grulab.gru_forward``,
+``gru_backward``, ``gru_step``) with fake implementations and an autograd
+formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one node
+per layer. :mod:`grulab.kernels` decides which kernel runs (``grulab kernels``
+shows it); ``GRULAB_KERNEL=<name>`` forces one.
 """
 from __future__ import annotations
 
@@ -519,5 +518,10 @@ def gru_step(
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h, w_ih, w_hh, b_ih, b_hh)):
         return gru_layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, reset_after, backend=backend)[1]
-    return torch.ops.grulab.gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after,
-                                     _kernel_for(backend, x, reset_after))
+    kernel = _kernel_for(backend, x, reset_after)
+    if torch.compiler.is_compiling():  # compile / export: the operator, so the graph has one node
+        return torch.ops.grulab.gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
+    # Eager generation: a token's step takes tens of µs, and the dispatcher's
+    # Python round trip for a custom op about as much again; call the tier directly.
+    tier, extra = _tier(kernel)
+    return tier.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
