@@ -223,7 +223,8 @@ def _preset_help() -> str:
             else:
                 words += [flag(f), str(value)]
         described.append(f"{name} = {preset.help}: {' '.join(words)}")
-    return "start from a named setting; the flags given win. " + "; ".join(described).replace("%", "%%")
+    return ("start from a named setting; the flags given win. " + "; ".join(described).replace("%", "%%")
+            + " (default: none, the defaults below)")
 
 
 def build_parser() -> argparse.ArgumentParser:
