@@ -207,7 +207,7 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
     optimizer = make_optimizer(config, model, resumed)
     run = RunState.restore(resumed, config.seed) if resumed else RunState.start(config.seed)
     start_metrics(config, fresh=resumed is None)
-    log_start(config, data, model, per_epoch, resumed=resumed is not None, run=run)
+    log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None)
     started, meter, last = time.perf_counter() - run.elapsed, Meter(), {}
     with progress_bar(config, per_epoch) as bar, _DeferredInterrupt() as interrupt:
         for X, Y in remaining_batches(config, data, run):
@@ -268,12 +268,12 @@ def start_metrics(config: TrainConfig, fresh: bool) -> None:
         (Path(config.out) / METRICS).write_text("")
 
 
-def log_start(config: TrainConfig, data: Dataset, model: LanguageModel, per_epoch: int, resumed: bool,
-              run: RunState) -> None:
+def log_start(config: TrainConfig, data: Dataset, model: LanguageModel, per_epoch: int,
+              resumed_at: Optional[int]) -> None:
     _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
          f"{config.level} tokens, vocab {len(data.vocab)}), {model.config.describe()}, "
          f"{count_parameters(model):,} parameters, {per_epoch} batches of {config.batch_size}×{config.num_steps} "
-         "per epoch" + (f", resumed at epoch {run.epoch + 1}" if resumed else ""))
+         "per epoch" + (f", resumed at epoch {resumed_at}" if resumed_at else ""))
 
 
 def progress_bar(config: TrainConfig, per_epoch: int):
