@@ -19,11 +19,10 @@ from torch.testing import assert_close
 
 from grulab import checkpoint, reference
 from grulab.cli import build_parser, config_from_args, main
-from grulab.config import flag
 from grulab.errors import ConfigError, GrulabError
 from grulab.generate import predict
 from grulab.model import CELLS, CellKind, LanguageModel, ModelConfig
-from grulab.train import PRESETS, TrainConfig, read_metrics, resume_config, train
+from grulab.train import PRESETS, TrainConfig, read_metrics, resume_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-0.1.0"
 PATTERN = "the cat sat on the mat. " * 20

@@ -3,8 +3,9 @@
 Training flags come from :class:`grulab.train.TrainConfig`: one dashed flag
 per field, with its help text, choices and default read from the field
 (:func:`grulab.config.option`), so the two never drift apart. Library errors
-name parameters ("hidden must be ..."); the CLI tells them as flags. Bad input ends in one line on stderr and a non-zero exit
-(2 for usage, 1 otherwise), never a traceback.
+name parameters ("hidden must be ..."); the CLI tells them as flags. Bad input
+ends in one line on stderr and a non-zero exit (2 for usage, 1 otherwise),
+never a traceback.
 """
 from __future__ import annotations
 
