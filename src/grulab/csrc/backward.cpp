@@ -36,9 +36,9 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   const int nt = loop_threads(B, H);
   const int64_t go_step = grad_out.size(0) == 1 ? 0 : B * H;
   if (x.scalar_type() == at::kFloat) {
-    // The packed path (float32, reset_after) packs all columns of W_hh into panels of 16 units.
+    // The packed path (float32, reset_after) packs all columns of W_hh into panels of ops.cols units.
     const bool packed = ops.packed && reset_after;
-    Tensor w_cols = packed ? scratch(kPackCols, {(H + kCols - 1) / kCols * 3 * H * kCols}, opts)
+    Tensor w_cols = packed ? scratch(kPackCols, {(H + ops.cols - 1) / ops.cols * 3 * H * ops.cols}, opts)
                            : Tensor();
     ops.backward_loop_f(grad_out.data_ptr<float>(), go_step, dh.data_ptr<float>(),
                         h0c.data_ptr<float>(), w_hhc.data_ptr<float>(), out.data_ptr<float>(),

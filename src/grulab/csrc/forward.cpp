@@ -55,9 +55,9 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
   // The packed-weight fast path. Not for B = 1: a tile always computes 4 rows,
   // and one row is a matrix-vector product, which small_linear does better.
   if (ops.packed && x.scalar_type() == at::kFloat && reset_after && B > 1) {
-    const int64_t P = (H + kPanel - 1) / kPanel;  // panels of 8 units
-    Tensor pack_hh = scratch(kPackHH, {P * H * 3 * kPanel}, at::kFloat);
-    Tensor pack_ih = scratch(kPackIH, {P * I * 3 * kPanel}, at::kFloat);
+    const int64_t P = (H + ops.panel - 1) / ops.panel;  // panels of one register of units
+    Tensor pack_hh = scratch(kPackHH, {P * H * 3 * ops.panel}, at::kFloat);
+    Tensor pack_ih = scratch(kPackIH, {P * I * 3 * ops.panel}, at::kFloat);
     Tensor bias = at::zeros({4 * H}, opts);  // [b_ir + b_hr | b_iz + b_hz | b_in | b_hn]
     if (b_ih.defined()) bias.narrow(0, 0, 3 * H).add_(b_ih);
     if (b_hh.defined()) {

@@ -1,4 +1,4 @@
-// The native GRU's loops compiled for AVX-512 (F, VL, BW, DQ): gcc vectorises the gate loops 16 floats wide; the packed micro-kernels are the AVX2 ones.
+// The native GRU's loops compiled for AVX-512 (F, VL, BW, DQ): gcc vectorises the gate loops 16 floats wide, and the packed micro-kernels use 16-float registers.
 // cpu.cpp picks this table only on a CPU that has these instructions.
 #include <immintrin.h>
 

@@ -36,8 +36,6 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 
 namespace grulab {
 
-constexpr int64_t kPanel = 8;  // units per forward panel (packed path)
-constexpr int64_t kCols = 16;  // units per backward panel (packed path)
 constexpr int64_t kRows = 4;   // batch rows per register tile
 
 // Split H hidden units among the threads: thread k owns units [j0, j1).
@@ -99,10 +97,12 @@ class PanelQueue {
 
 // One instruction set's entry points (see loops.inc for what each computes).
 // `packed` is true where the float32 reset-after packed-weight kernels exist;
-// the glue sizes their scratch with kPanel / kCols.
+// the glue sizes their scratch with `panel` / `cols` (units per forward /
+// backward panel: one and two SIMD registers of floats).
 struct IsaOps {
   const char* name;
   bool packed;
+  int64_t panel, cols;
   void (*forward_packed)(const float* x, const float* h0, const float* w_ih, const float* w_hh,
                          const float* bias4, int64_t Tn, int64_t B, int64_t I, int64_t H,
                          bool save, float* out, float* saved, float* pack_hh, float* pack_ih,
