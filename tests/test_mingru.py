@@ -302,3 +302,17 @@ def test_blocks_train_and_trace():
         m(x, (state[0][:1], state[1]))
     with pytest.raises(ValueError, match=r"expected a 3D input \(B, T, I\)"):
         m(x[0])
+
+
+@pytest.mark.parametrize("candidate", ["g", "linear"])
+def test_single_step_uses_only_basic_ops(candidate):
+    """mingru_step is the form to export (ONNX): matmul, add, sub, mul, sigmoid (+ relu, clamp for g)."""
+    import torch.fx
+
+    gm = torch.fx.symbolic_trace(lambda x, h, w, b: mingru.mingru_step(x, h, w, b, candidate))
+    ops = {getattr(n.target, "__name__", n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method")}
+    assert ops <= {"matmul", "t", "add", "sub", "mul", "sigmoid", "relu", "clamp", "chunk", "getitem"}, ops
+    torch.manual_seed(16)
+    x, h, w, b = torch.randn(2, 3), torch.randn(2, 4), torch.randn(8, 3), torch.randn(8)
+    z, h_new = gm(x, h, w, b)
+    torch.testing.assert_close(h_new, paper_layer(x[None], h, w, b, candidate)[0])

@@ -170,23 +170,22 @@ class _FusedLayer(torch.autograd.Function):
             t0 = max(t1 - C, 0)
             k = t1 - t0
             z, n = y[t0:t1, :, :H], y[t0:t1, :, H:]  # (k, B, H) views
-            torch.sub(1, z, out=a[:k])
+            a_k, G_k, d_k = a[:k], G[:k], d[:k]
+            torch.sub(1, z, out=a_k)
             torch.add(g_t[t1 - 1], c, out=G_t[k - 1])
             for i in range(k - 2, -1, -1):
-                torch.addcmul(g_t[t0 + i], a_t[i + 1], G_t[i + 1], out=G_t[i])
+                torch.addcmul(g_t[t0 + i], a_t[i + 1], G_t[i + 1], out=G_t[i])  # G = dL/dh_t
             c = a_t[0] * G_t[0]  # a_{t0} ⊙ dL/dh_{t0}: into step t0 − 1, or dL/dh_0
-            # d = h̃_t − h_{t-1}
-            torch.sub(n[1:], out[t0 : t1 - 1], out=d[1:k])
-            torch.sub(n[0], out[t0 - 1] if t0 else h0, out=d[0])
-            if ctx.use_g:  # g'(v) = 1 where h̃ ≥ 0.5 (v ≥ 0), else h̃ (1 − h̃)
-                gp = torch.where(n >= 0.5, 1.0, n * (1 - n))
-                n.copy_(gp)
-                n.mul_(z)
+            torch.sub(n[1:], out[t0 : t1 - 1], out=d_k[1:])  # d = h̃_t − h_{t-1}
+            torch.sub(n[0], out[t0 - 1] if t0 else h0, out=d_k[0])
+            if ctx.use_g:
+                G_k.mul_(z)  # G ⊙ z
+                torch.mul(G_k, d_k, out=z).mul_(a_k)  # dY_z = G ⊙ z ⊙ d ⊙ (1 − z)
+                ge = n >= 0.5  # g'(v) = 1 where v ≥ 0 (h̃ ≥ 0.5), else σ'(v) = h̃ (1 − h̃)
+                n.addcmul_(n, n, value=-1).masked_fill_(ge, 1.0).mul_(G_k)  # dY_n = G ⊙ z ⊙ g'
             else:
-                n.copy_(z)
-            n.mul_(G[:k])  # dY_n = dL/dh ⊙ z (⊙ g')
-            d[:k].mul_(G[:k])
-            z.mul_(a[:k]).mul_(d[:k])  # dY_z = dL/dh ⊙ (h̃ − h_{t-1}) ⊙ z (1 − z)
+                torch.mul(G_k, z, out=n)  # dY_n = G ⊙ z
+                torch.mul(n, d_k, out=z).mul_(a_k)  # dY_z = G ⊙ z ⊙ d ⊙ (1 − z)
         dy2 = y.view(T * B, 2 * H)  # (T*B, 2H)
         dx = (dy2 @ weight).view(T, B, x2.shape[1]) if ctx.needs_input_grad[0] else None  # (T, B, I)
         dw = dy2.t() @ x2 if ctx.needs_input_grad[2] else None  # (2H, I)
