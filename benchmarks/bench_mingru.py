@@ -9,8 +9,8 @@ contender once, round-robin); medians are reported. Two parts:
   ``addcmul`` per step), a two-level chunked scan (steps within √T-long chunks
   in parallel across chunks, then one carry per chunk), and Heinsen's
   log-space scan (``cumsum`` + ``logcumsumexp``, needs b > 0) of the paper.
-* ``layer``: forward + backward of ``out.sum()`` into the input and every
-  weight, for: the ``Linear(D, 2H)`` floor (a minGRU's two projections and
+* ``layer``: forward + backward (``out.backward(grad)`` with a fixed random
+  ``grad``) into the input and every weight, for: the ``Linear(D, 2H)`` floor (a minGRU's two projections and
   nothing else), MinGRU (``scan="fused"`` and ``"log"``), grulab.GRU
   (``impl="auto"``), torch.nn.GRU and minGRU-pytorch's ``minGRU`` (from PyPI:
   ``pip install -e .[bench]``). Run twice: at the same width (H = D for
@@ -23,8 +23,8 @@ Usage::
     python benchmarks/bench_mingru.py --no-write      # print only
     python benchmarks/bench_mingru.py --reps 5 --T 35 # quick look
 
-The section between the ``bench_mingru`` markers of the output file is
-replaced; the rest of the file is kept.
+The section between the ``bench_mingru threads=N`` markers of the output
+file is replaced (one section per thread count); the rest of the file is kept.
 """
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ try:
 except ImportError:  # pragma: no cover - reported in the table
     LucidMinGRU = None
 
-BEGIN, END = "<!-- bench_mingru: begin -->", "<!-- bench_mingru: end -->"
 
 
 def cpu_name() -> str:
@@ -157,11 +156,16 @@ def bench_layers(T: int, B: int, D: int, H: int, H_min: int, reps: int) -> dict:
         lucid = LucidMinGRU(D, expansion_factor=H_min / D, proj_out=False)
         models["minGRU-pytorch"] = (lucid, lambda m: m(xb))
 
+    grads: dict[torch.Size, torch.Tensor] = {}  # one fixed upstream gradient per output shape
+
     def run(m, f):
         def go():
             for p in (x, xb, *m.parameters()):
                 p.grad = None
-            f(m).sum().backward()
+            out = f(m)
+            if out.shape not in grads:
+                grads[out.shape] = torch.randn(out.shape)
+            out.backward(grads[out.shape])
 
         return go
 
@@ -205,7 +209,9 @@ def scan_table(results: list[tuple[int, dict]], B: int, H: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, key: str) -> None:
+    """Replace the section between this key's markers (or append it), keeping the rest of the file."""
+    BEGIN, END = f"<!-- bench_mingru {key}: begin -->", f"<!-- bench_mingru {key}: end -->"
     text = path.read_text() if path.exists() else ""
     block = f"{BEGIN}\n{section}\n{END}"
     if BEGIN in text and END in text:
@@ -224,7 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"),
                     help="markdown file whose bench_mingru section is replaced (default: benchmarks/results.md)")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's default, the number of cores)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.reps < 1 or args.batch < 1 or args.dim < 1 or min(args.T) < 1:
         ap.error("--reps, --batch, --dim and --T must be >= 1")
     B, D = args.batch, args.dim
@@ -247,7 +257,7 @@ def main(argv=None) -> int:
     lucid = "minGRU-pytorch " + (__import__("importlib.metadata").metadata.version("minGRU-pytorch")
                                  if LucidMinGRU is not None else "not installed (pip install -e .[bench])")
     parts = [
-        "## minGRU (grulab.MinGRU)",
+        f"## minGRU (grulab.MinGRU), {torch.get_num_threads()} thread(s)",
         "",
         f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{cmd}`",
         f"- CPU: {cpu_name()} (lscpu), {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
@@ -274,7 +284,7 @@ def main(argv=None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(args.out, section)
+        write_section(args.out, section, f"threads={torch.get_num_threads()}")
         print(f"\nwrote its section of {args.out}")
     return 0
 
