@@ -32,12 +32,8 @@ import argparse
 import datetime as _dt
 import math
 import os
-import platform
 import re
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +41,7 @@ import torch
 from torch import nn
 
 import grulab
+from bench_gru import cpu_name, interleaved  # this folder: run as python benchmarks/bench_mingru.py
 from grulab import MinGRU
 
 try:
@@ -52,31 +49,6 @@ try:
 except ImportError:  # pragma: no cover - reported in the table
     LucidMinGRU = None
 
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
-def interleaved(contenders: dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin."""
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(reps):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # -- the scan alone --------------------------------------------------------------------
@@ -260,7 +232,7 @@ def main(argv=None) -> int:
         f"## minGRU (grulab.MinGRU), {torch.get_num_threads()} thread(s)",
         "",
         f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{cmd}`",
-        f"- CPU: {cpu_name()} (lscpu), {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+        f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; {lucid}",
         f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
         f"(the machine is shared; above ~0.5 other processes were competing for the cores)",

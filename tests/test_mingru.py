@@ -158,6 +158,22 @@ def test_nan_and_inf_propagate_like_the_formula_loop(scan):
     torch.testing.assert_close(h_n[0], ref[-1], equal_nan=True)
 
 
+@pytest.mark.parametrize("scan", ["fused", "log"])
+def test_nan_gradients_like_the_formula_loop(scan):
+    torch.manual_seed(17)
+    m = MinGRU(3, 5, scan=scan).double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    x[3, 0, 1] = float("nan")
+    x.requires_grad_()
+    h0 = negative_state(1, 2, 5).requires_grad_()
+    g = torch.randn(6, 2, 5, dtype=torch.float64)
+    got = torch.autograd.grad((m(x, h0)[0] * g).sum(), [x, h0, *m.parameters()])
+    want = torch.autograd.grad((paper_stack(m, x, h0)[0] * g).sum(), [x, h0, *m.parameters()])
+    assert torch.isnan(want[0][:4, 0]).all() and not torch.isnan(want[0][:, 1]).any()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_g_and_log_g():
     v = torch.tensor([-30.0, -2.0, -1e-3, 0.0, 1e-3, 2.0, 30.0], dtype=torch.float64)
     want = torch.where(v >= 0, v + 0.5, torch.sigmoid(v))

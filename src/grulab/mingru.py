@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .gru import _check_int
+
 __all__ = ["MinGRU", "MinGRUBlocks", "MinGRUTrace", "g", "log_g", "mingru_step", "mingru_layer"]
 
 CANDIDATES = ("g", "linear")
@@ -229,13 +231,6 @@ class MinGRUTrace(NamedTuple):
     z: Tensor  # update gate: 1 writes the candidate, 0 keeps the state
     n: Tensor  # candidate state h̃
     h: Tensor  # state after each step
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
 class MinGRU(nn.Module):
