@@ -5,6 +5,7 @@
 """
 from .errors import GrulabError
 from .gru import GRU, GRUCell
+from .mingru import MinGRU, MinGRUBlocks
 
 __version__ = "0.1.0"
-__all__ = ["GRU", "GRUCell", "GrulabError", "__version__"]
+__all__ = ["GRU", "GRUCell", "GrulabError", "MinGRU", "MinGRUBlocks", "__version__"]
