@@ -1,6 +1,6 @@
 """The character (or word) level language model of the notes.
 
-tokens -> one-hot or embedding -> recurrent stack (RNN, GRU or LSTM) -> linear -> logits
+tokens -> one-hot or embedding -> recurrent stack (RNN, GRU, LSTM, minGRU) -> linear -> logits
 
     logits, state = model(idx)          # idx (B, T) -> logits (B, T, V)
     logits, state = model(idx, state)   # carry the state on (sequential batches)
@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from .config import COUNT, FRACTION, POSITIVE_INT, Config, option
 from .errors import ConfigError
 from .gru import GRU, IMPLS, resolve_impl
+from .mingru import MinGRU, MinGRUBlocks
 
-State = Union[Tensor, tuple[Tensor, ...]]  # (L, B, H), or (h, c) for the LSTM
+State = Union[Tensor, tuple[Tensor, ...]]  # (L, B, H), (h, c) for the LSTM, (h, conv) for mingru-block
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,9 @@ class CellKind:
     """One kind of recurrent stack: how to build it and the shape of its state."""
 
     build: Callable[["ModelConfig", int, float], nn.Module]  # (config, input size, dropout between layers) -> module
-    states: int = 1  # tensors in the state, each (L, B, H): 1 = h, 2 = the LSTM's (h, c)
+    states: int = 1  # tensors in the state, each (L, B, H): 1 = h, 2 = the LSTM's (h, c); a module with
+    # its own init_state(batch) (the minGRU block's (h, conv)) says instead
+    d2l_init: bool = True  # --init d2l applies; False for stacks with norms, which N(0, 0.01²) weights would zero
 
 
 def _rnn(c: "ModelConfig", input_size: int, dropout: float) -> nn.Module:
@@ -44,11 +47,22 @@ def _lstm(c: "ModelConfig", input_size: int, dropout: float) -> nn.Module:
     return nn.LSTM(input_size, c.hidden, c.layers, dropout=dropout)
 
 
+def _mingru(c: "ModelConfig", input_size: int, dropout: float) -> nn.Module:
+    return MinGRU(input_size, c.hidden, c.layers, dropout=dropout)
+
+
+def _mingru_block(c: "ModelConfig", input_size: int, dropout: float) -> nn.Module:
+    # the paper's LM block: dropout on every residual branch, so even with one layer
+    return MinGRUBlocks(input_size, c.hidden, c.layers, dropout=c.dropout)
+
+
 #: The recurrent stacks, by --cell name. Each module maps (T, B, I) and a state to (T, B, H) and a state.
 CELLS: dict[str, CellKind] = {
     "rnn": CellKind(_rnn),  # torch.nn.RNN, tanh
     "gru": CellKind(_gru),  # grulab.GRU
     "lstm": CellKind(_lstm, states=2),  # torch.nn.LSTM
+    "mingru": CellKind(_mingru),  # grulab.MinGRU (Feng et al. 2024): gates read only the input
+    "mingru-block": CellKind(_mingru_block, d2l_init=False),  # the paper's LM block: norm, conv, minGRU, MLP
 }
 
 
@@ -97,6 +111,9 @@ class ModelArgs(Config):
         if self.cell == "gru" and self.impl == "torch" and not self.reset_after:
             raise ConfigError("impl", "auto, fused or reference for the reset-before GRU "
                               "(torch's kernels compute only the reset-after form)", self.impl)
+        if self.init == "d2l" and not CELLS[self.cell].d2l_init:
+            raise ConfigError("init", f"torch for --cell {self.cell} (the notes' N(0, 0.01²) weights would all but "
+                              "zero its LayerNorms)", self.init)
 
     def describe(self) -> str:
         """'gru 1×384', with the reset-before form named."""
@@ -137,6 +154,9 @@ class LanguageModel(nn.Module):
         return logits.transpose(0, 1), state  # (B, T, V)
 
     def init_state(self, batch_size: int) -> State:
+        """The zero state before the first token: (L, B, H), or the tuple the cell keeps."""
+        if hasattr(self.rnn, "init_state"):  # MinGRU, MinGRUBlocks
+            return self.rnn.init_state(batch_size)
         w = self.head.weight
         states = [w.new_zeros(self.config.layers, batch_size, self.config.hidden)  # each (L, B, H)
                   for _ in range(CELLS[self.config.cell].states)]
@@ -162,6 +182,8 @@ class LanguageModel(nn.Module):
                 new.append(x)
             state = torch.stack(new)  # (L, B, H)
             out = x
+        elif isinstance(rnn, (MinGRU, MinGRUBlocks)):
+            out, state = rnn.step(x, state)  # (B, H)
         else:
             out, state = rnn(x[None], state)  # (1, B, H)
             out = out[0]

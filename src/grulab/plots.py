@@ -2,7 +2,7 @@
 
     perplexity_curve(rows, "perplexity.png")       # grulab train: train and validation perplexity
     compare_curves(results, "perplexity.png")      # grulab compare: validation perplexity of every run
-    gate_heatmap(trace, tokens, "gates.png")       # grulab viz: a GRU's gates over a text
+    gate_heatmap(trace, tokens, "gates.png")       # grulab viz: a GRU's (or minGRU's) gates over a text
     catmouse_figure(result, "catmouse.png")        # grulab demo cat-mouse
 """
 from __future__ import annotations
@@ -89,7 +89,9 @@ def gate_heatmap(
 ) -> Path:
     """A static heatmap of one layer's gates: z and r (units × time) and their means.
 
-    Shows the first ``max_tokens`` tokens (noted in the title when the text is
+    A minGRU trace (``trace["z_writes"]``) has z only, and its z ≈ 1 writes the
+    candidate: its colour map is reversed so that red writes and blue keeps for
+    both cells, and the label says so. Shows the first ``max_tokens`` tokens (noted in the title when the text is
     longer); the tokens label the time axis when there are at most 100.
     """
     plt = pyplot()
@@ -98,42 +100,48 @@ def gate_heatmap(
     if T_all != record["z"].shape[0]:
         raise ValueError(f"{T_all} tokens for a trace of {record['z'].shape[0]} steps; they must match")
     T = min(T_all, max_tokens)
+    writes = bool(trace.get("z_writes"))
     z = np.asarray(record["z"])[:T].T  # (H, T)
-    r = np.asarray(record["r"])[:T].T  # (H, T)
+    panels = [(z, "RdBu_r", "minGRU update gate z  (red ≈ 1: write the candidate · blue ≈ 0: keep the state; "
+                            "the opposite of the GRU's z)") if writes else
+              (z, "RdBu", "update gate z  (blue ≈ 1: keep the state · red ≈ 0: rewrite it)")]
+    if "r" in record:
+        r = np.asarray(record["r"])[:T].T  # (H, T)
+        panels.append((r, "PiYG", "reset gate r  (green ≈ 1: use the old state · pink ≈ 0: reset)"))
     H = z.shape[0]
     layer_no = (layer % len(trace["layers"])) + 1
-    head = title or "GRU gates"
+    head = title or ("minGRU gate" if writes else "GRU gates")
     note = f" (first {T} of {T_all} tokens)" if T < T_all else ""
     width = min(20.0, max(9.0, 0.09 * T + 3.0))
-    fig = plt.figure(figsize=(width, 8.0))
-    grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 0.6], width_ratios=[1, 0.012], wspace=0.02)
+    n = len(panels)
+    height = 3.0 * n + 2.0  # 3 inches per heatmap, 2 for the means and the title
+    fig = plt.figure(figsize=(width, height))
+    grid = fig.add_gridspec(n + 1, 2, height_ratios=[1] * n + [0.6], width_ratios=[1, 0.012], wspace=0.02)
     axes = [fig.add_subplot(grid[0, 0])]
-    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in (1, 2)]
+    axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, n + 1)]
     extent = (-0.5, T - 0.5, H - 0.5, -0.5)
-    for row, (values, cmap, label) in enumerate((
-        (z, "RdBu", "update gate z  (blue ≈ 1: keep the state · red ≈ 0: rewrite it)"),
-        (r, "PiYG", "reset gate r  (green ≈ 1: use the old state · pink ≈ 0: reset)"),
-    )):
+    for row, (values, cmap, label) in enumerate(panels):
         ax = axes[row]
         im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest", extent=extent)
         ax.set_ylabel("unit")
         ax.set_title(label, fontsize=10, loc="left")
         ax.tick_params(labelbottom=False)
         fig.colorbar(im, cax=fig.add_subplot(grid[row, 1]))
-    steps = np.arange(T)
-    axes[2].plot(steps, z.mean(0), color="#1d58a0", lw=1.6, label="mean z")
-    axes[2].plot(steps, r.mean(0), color="#2d6e28", lw=1.2, ls="--", label="mean r")
-    axes[2].set_ylim(0, 1)
-    axes[2].set_ylabel("mean over units")
-    axes[2].legend(loc="upper right", fontsize=8, frameon=False, ncol=2)
-    axes[2].spines[["top", "right"]].set_visible(False)
+    steps, means = np.arange(T), axes[n]
+    means.plot(steps, z.mean(0), color="#1d58a0", lw=1.6, label="mean z" + (" (1 = write)" if writes else ""))
+    if "r" in record:
+        means.plot(steps, r.mean(0), color="#2d6e28", lw=1.2, ls="--", label="mean r")
+    means.set_ylim(0, 1)
+    means.set_ylabel("mean of units")
+    means.legend(loc="upper right", fontsize=8, frameon=False, ncol=2)
+    means.spines[["top", "right"]].set_visible(False)
     if T <= 100:
-        axes[2].set_xticks(steps)
-        axes[2].set_xticklabels([_visible(t) for t in tokens[:T]], fontsize=8, family="monospace")
+        means.set_xticks(steps)
+        means.set_xticklabels([_visible(t) for t in tokens[:T]], fontsize=8, family="monospace")
     else:
-        axes[2].set_xlabel("time step")
+        means.set_xlabel("time step")
     fig.suptitle(f"{head}: layer {layer_no} of {len(trace['layers'])}, {H} units{note}", fontsize=12)
-    fig.subplots_adjust(left=0.06, right=0.96, top=0.92, bottom=0.1, hspace=0.28)
+    fig.subplots_adjust(left=0.06, right=0.96, top=1 - 0.7 / height, bottom=0.55 / height, hspace=0.28)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)

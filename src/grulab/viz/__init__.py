@@ -1,4 +1,4 @@
-"""See what the gates do: colour a text by a trained GRU's update and reset gates.
+"""See what the gates do: colour a text by a trained GRU's update and reset gates (a minGRU's z).
 
 Three steps, each usable on its own::
 
@@ -16,6 +16,11 @@ equations' ``R_t``, ``Z_t``, ``H̃_t`` or ``H_t``. Reading the colours: the new
 state is ``h' = z ⊙ h + (1 − z) ⊙ ñ``, so an update gate z ≈ 1 *keeps* a unit's
 state and z ≈ 0 *rewrites* it with the candidate ñ; a reset gate r ≈ 0 makes
 the candidate ignore the old state.
+
+A minGRU (``--cell mingru`` or ``mingru-block``) has one gate, z, read from
+:meth:`grulab.MinGRU.trace`, and the opposite convention: ``h' = (1 − z) ⊙ h + z ⊙ h̃``,
+so its z ≈ 1 *writes* the candidate and z ≈ 0 keeps the state. The page and
+the PNG say so, and colour by meaning (keep blue, write orange) for both cells.
 
 The page also draws the gate-saturation plot of Karpathy, Johnson & Fei-Fei
 (2015, "Visualizing and Understanding Recurrent Networks"): for each unit, the
@@ -42,6 +47,7 @@ from .. import reference
 from ..data import encode_warning, tokenize
 from ..errors import GrulabError
 from ..gru import GRU
+from ..mingru import MinGRU, MinGRUBlocks
 from ..plots import gate_heatmap as write_gate_png
 
 __all__ = [
@@ -68,19 +74,24 @@ PathLike = Union[str, Path]
 # ---------------------------------------------------------------------------
 
 
-def _check_gru(model) -> GRU:
-    """The model's GRU, or a GrulabError (a ValueError) naming the cell it has instead."""
-    if isinstance(model.rnn, GRU):
+def _check_gru(model) -> Union[GRU, MinGRU, MinGRUBlocks]:
+    """The model's gated stack (a GRU or a minGRU), or a GrulabError (a ValueError) naming its cell."""
+    if isinstance(model.rnn, (GRU, MinGRU, MinGRUBlocks)):
         return model.rnn
     raise GrulabError(
-        f"gate visualisation needs a GRU model, but this one's cell is {model.config.cell!r} "
-        f"(it has no update and reset gates); train one with --cell gru"
+        f"gate visualisation needs a GRU or minGRU model, but this one's cell is {model.config.cell!r} "
+        f"(it has no update gate); train one with --cell gru, mingru or mingru-block"
     )
+
+
+def _layer_arrays(values: dict) -> dict:
+    """Per gate, (T, 1, H) tensors -> (T, H) float32 numpy arrays."""
+    return {name: t[:, 0].detach().cpu().float().numpy() for name, t in values.items()}
 
 
 @torch.no_grad()
 def trace_gates(model, ids: Sequence[int], top_k: int = TOP_K) -> dict:
-    """Run a GRU language model over ``ids`` one step at a time and record every gate.
+    """Run a GRU or minGRU language model over ``ids`` one step at a time and record every gate.
 
     ``model`` is a :class:`grulab.model.LanguageModel` with ``cell="gru"``: its
     ``inputs`` turn ids into vectors, ``rnn`` is a :class:`grulab.GRU`, ``head``
@@ -95,36 +106,51 @@ def trace_gates(model, ids: Sequence[int], top_k: int = TOP_K) -> dict:
          "layers": [{"r": (T, H), "z": (T, H), "n": (T, H), "h": (T, H)}] * L,
          "top_ids": (T, k) int64,     # the k likeliest next tokens after each position
          "top_probs": (T, k) float32, # their probabilities, descending
-         "hidden": H, "num_layers": L, "reset_after": bool}
+         "hidden": H, "num_layers": L, "reset_after": bool,
+         "gates": ("z", "r"), "z_writes": False, "cell": "gru"}
 
-    Raises GrulabError (a ValueError) if the model is not a GRU or ``ids`` is empty.
+    A minGRU model (``cell="mingru"`` or ``"mingru-block"``) is traced by its own
+    :meth:`~grulab.MinGRU.trace` (the formula loop); its layers hold z, n and h only
+    (``gates == ("z",)``, no reset gate), ``z_writes`` is True (z ≈ 1 writes the
+    candidate), and the guesses come from the model's forward pass. For the block,
+    a layer is a block and h is its minGRU's state.
+
+    Raises GrulabError (a ValueError) if the model has no gates or ``ids`` is empty.
     """
     rnn = _check_gru(model)
     ids = [int(i) for i in ids]
     if not ids:
         raise GrulabError("nothing to trace: the token sequence is empty; give some text")
-    if rnn.bidirectional:
+    if getattr(rnn, "bidirectional", False):
         raise GrulabError("gate tracing supports one-directional GRUs only")
     was_training = model.training
     model.eval()
     try:
         idx = torch.tensor(ids, dtype=torch.long, device=model.head.weight.device)[:, None]  # (T, 1)
-        layers = reference.trace(rnn, model.inputs(idx))  # per layer: r, z, n, h, each (T, 1, H)
-        logits = model.head(layers[-1].h[:, 0])  # (T, V)
+        if isinstance(rnn, GRU):
+            traced = reference.trace(rnn, model.inputs(idx))  # per layer: r, z, n, h, each (T, 1, H)
+            layers = [_layer_arrays(step._asdict()) for step in traced]
+            logits = model.head(traced[-1].h[:, 0])  # (T, V)
+        else:
+            z, n, h = rnn.trace(model.inputs(idx))  # each (L, T, 1, H)
+            layers = [_layer_arrays(dict(z=z[k], n=n[k], h=h[k])) for k in range(z.shape[0])]
+            logits = model(idx.t())[0][0]  # (T, V)
         probs = F.softmax(logits.float(), dim=-1)  # (T, V)
         top_probs, top_ids = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # (T, k), descending
     finally:
         model.train(was_training)
+    gru = isinstance(rnn, GRU)
     return {
         "ids": ids,
-        "layers": [
-            {name: t[:, 0].detach().cpu().float().numpy() for name, t in step._asdict().items()} for step in layers
-        ],
+        "layers": layers,
         "top_ids": top_ids.cpu().numpy(),
         "top_probs": top_probs.cpu().numpy(),
-        "hidden": rnn.hidden_size,
-        "num_layers": rnn.num_layers,
-        "reset_after": rnn.reset_after,
+        "hidden": int(layers[0]["z"].shape[1]),
+        "num_layers": len(layers),
+        "reset_after": rnn.reset_after if gru else None,
+        "gates": ("z", "r") if gru else ("z",),
+        "z_writes": not gru,
+        "cell": model.config.cell,
     }
 
 
@@ -175,9 +201,10 @@ def _page_data(
     if top_tokens is None:
         top_tokens = [[f"#{i}" for i in row] for row in np.asarray(trace["top_ids"]).tolist()]
     layers = []
+    gates = tuple(trace.get("gates", ("z", "r")))
     for record in trace["layers"]:
         layer = {"H": int(record["z"].shape[1])}
-        for gate in ("z", "r"):
+        for gate in gates:
             values = np.asarray(record[gate])  # (T, H)
             left, right = gate_saturation(values)
             layer[gate] = _permille(values)  # T*H, row-major: index t*H + u
@@ -195,7 +222,10 @@ def _page_data(
             for toks, ps in zip(top_tokens, probs)
         ],
         "layers": layers,
-        "reset_after": bool(trace["reset_after"]),
+        "gates": list(gates),
+        "z_writes": bool(trace.get("z_writes", False)),  # minGRU: z ≈ 1 writes the candidate
+        "cell": trace.get("cell", "gru"),
+        "reset_after": bool(trace.get("reset_after")),
         "sat_low": SATURATION_LOW,
         "sat_high": SATURATION_HIGH,
     }
@@ -205,7 +235,7 @@ def write_gate_html(
     trace: dict,
     tokens: Sequence[str],
     out_path: PathLike,
-    title: str = "What the GRU's gates do",
+    title: Optional[str] = None,
     *,
     joiner: str = "",
     top_tokens: Optional[Sequence[Sequence[str]]] = None,
@@ -219,8 +249,9 @@ def write_gate_html(
     as raw ids. ``unknown`` (T booleans) marks tokens the model read as <unk>.
 
     The page needs nothing but a browser: CSS, script and data are inline and
-    nothing is fetched from the network.
+    nothing is fetched from the network. ``title`` defaults to :func:`default_title`.
     """
+    title = title or default_title(trace)
     data = _page_data(trace, tokens, title, joiner, top_tokens, unknown)
     # "<" escaped so that no "</script>" in a token can end the data block early.
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
@@ -230,11 +261,26 @@ def write_gate_html(
         css=assets.joinpath("gates.css").read_text(encoding="utf-8"),
         js=assets.joinpath("gates.js").read_text(encoding="utf-8"),
         data=payload,
+        footer=_FOOTER[bool(data["z_writes"])],
     )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(page, encoding="utf-8")
     return out_path
+
+
+def default_title(trace: dict) -> str:
+    """"What the GRU's gates do", or the minGRU's."""
+    return "What the minGRU's update gate does" if trace.get("z_writes") else "What the GRU's gates do"
+
+
+#: The page's footer: the update rule, and where the numbers come from (GRU, minGRU).
+_FOOTER = {
+    False: "h&prime; = z &odot; h + (1 &minus; z) &odot; h&#771; &middot; gates recomputed with the notes' "
+           "equations (grulab.reference.gru_step)",
+    True: "minGRU: h&prime; = (1 &minus; z) &odot; h + z &odot; h&#771;, z and h&#771; read only the input "
+          "&middot; z &asymp; 1 writes, the opposite of the GRU's z &middot; values from grulab.MinGRU.trace",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +300,7 @@ def render(model, vocab, text: str, out_path: PathLike, title: Optional[str] = N
     (with a warning) and still shown as written.
 
     Raises GrulabError (one line) for an unsupported suffix, an empty text or
-    a model that is not a GRU.
+    a model that is neither a GRU nor a minGRU.
     """
     out_path = Path(out_path)
     suffix = out_path.suffix.lower()
@@ -273,7 +319,7 @@ def render(model, vocab, text: str, out_path: PathLike, title: Optional[str] = N
     trace = trace_gates(model, ids)
     trace["top_tokens"] = [[str(vocab.idx_to_token[i]) for i in row] for row in trace["top_ids"].tolist()]
     if title is None:
-        title = "What the GRU's gates do"
+        title = default_title(trace)
     if suffix in _PNG_SUFFIXES:
         return write_gate_png(trace, tokens, out_path, title=title)
     return write_gate_html(

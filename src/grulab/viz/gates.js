@@ -8,6 +8,11 @@
     z: [[0, [202, 75, 18]], [0.25, [244, 165, 110]], [0.5, [247, 246, 242]], [0.75, [122, 176, 218]], [1, [29, 88, 160]]],
     r: [[0, [142, 30, 110]], [0.25, [215, 140, 195]], [0.5, [246, 246, 242]], [0.75, [150, 200, 120]], [1, [45, 110, 40]]]
   };
+  // A minGRU's z writes the candidate at 1 (h' = (1 - z) h + z h~): its scale is z's reversed,
+  // so that blue keeps and orange writes for both cells.
+  const WRITES = D.z_writes;
+  if (WRITES) SCALES.z = SCALES.z.map(([v, c]) => [1 - v, c]).reverse();
+  const HAS_R = D.gates.includes("r");
   const NAMES = { z: "update gate z", r: "reset gate r" };
   const LEGEND = {
     z: "<b>Update gate z.</b> h&prime; = z&odot;h + (1&minus;z)&odot;h&#771;. " +
@@ -17,6 +22,12 @@
        "<b style='color:rgb(45,110,40)'>r &asymp; 1: uses</b> the old state to form the candidate; " +
        "<b style='color:rgb(142,30,110)'>r &asymp; 0: resets</b>, the candidate ignores the past (a fresh start)."
   };
+  if (WRITES) LEGEND.z = "<b>Update gate z of a minGRU: the opposite of the GRU's z.</b> " +
+    "h&prime; = (1&minus;z)&odot;h + z&odot;h&#771;, with z and h&#771; read from the input only. " +
+    "<b style='color:rgb(202,75,18)'>z &asymp; 1: writes</b> the candidate h&#771; (something worth remembering); " +
+    "<b style='color:rgb(29,88,160)'>z &asymp; 0: keeps</b> the old state.";
+  // The saturation plot's axes: x = fraction of steps z < 0.1, y = fraction z > 0.9.
+  const KEEP = WRITES ? "left" : "right", WRITE = WRITES ? "right" : "left";
   const S = { gate: "z", unit: -1, layer: D.layers.length - 1, stretch: true };
 
   const $ = (id) => document.getElementById(id);
@@ -95,7 +106,7 @@
       S.unit = S.unit < 0 ? (d > 0 ? 0 : H() - 1) : (S.unit + d + H()) % H();
       update();
     } else if (e.key === "m") { S.unit = -1; update(); }
-    else if (e.key === "z" || e.key === "r") { S.gate = e.key; $("gate-" + e.key).checked = true; update(); }
+    else if (e.key === "z" || (e.key === "r" && HAS_R)) { S.gate = e.key; $("gate-" + e.key).checked = true; update(); }
   });
 
   // --- saturation scatter plots (inline SVG) --------------------------------
@@ -117,8 +128,8 @@
     }
     s += `<text x="${X(0.5)}" y="${HT - 4}" font-size="12" text-anchor="middle" fill="#394150">fraction &lt; 0.1 (left-saturated)</text>`;
     s += `<text transform="translate(11 ${Y(0.5)}) rotate(-90)" font-size="12" text-anchor="middle" fill="#394150">fraction &gt; 0.9 (right-saturated)</text>`;
-    const hi = gate === "z" ? "\u2196 integrators: keep" : "\u2196 use the past";
-    const lo = gate === "z" ? "rewrite every step \u2198" : "reset often \u2198";
+    const hi = gate === "z" ? (WRITES ? "\u2196 write every step" : "\u2196 integrators: keep") : "\u2196 use the past";
+    const lo = gate === "z" ? (WRITES ? "integrators: keep \u2198" : "rewrite every step \u2198") : "reset often \u2198";
     s += `<text x="${X(0)}" y="${Y(1) - 8}" font-size="11" fill="#98a2b3">${hi}</text>`;
     s += `<text x="${X(1)}" y="${Y(1) - 8}" font-size="11" text-anchor="end" fill="#98a2b3">${lo}</text>`;
     const fill = rgb(colour(gate, 0.92)), fillLo = rgb(colour(gate, 0.08));
@@ -131,7 +142,7 @@
     });
     return s + sel + "</svg>";
   }
-  for (const g of ["z", "r"]) {
+  for (const g of D.gates) {
     $("sat-" + g).addEventListener("click", (e) => {
       const u = e.target.closest && e.target.closest(".dot");
       if (u) { S.unit = +u.dataset.unit; update(); }
@@ -161,32 +172,32 @@
     $("bar-mid").textContent = NAMES[S.gate] + (S.unit < 0 ? " (mean)" : ` (unit ${S.unit})`);
     $("bar-hi").textContent = b.toFixed(2);
     $("legend-text").innerHTML = LEGEND[S.gate];
-    $("sat-z").innerHTML = scatter("z");
-    $("sat-r").innerHTML = scatter("r");
+    for (const g of D.gates) $("sat-" + g).innerHTML = scatter(g);
     $("unitinfo").innerHTML = unitInfo();
   }
 
   function unitInfo() {
     const L = D.layers[S.layer];
     if (S.unit < 0) {
-      const integ = L.z_sat.right.filter((v) => v > 0.5).length;
-      const rew = L.z_sat.left.filter((v) => v > 0.5).length;
+      const integ = L.z_sat[KEEP].filter((v) => v > 0.5).length;
+      const rew = L.z_sat[WRITE].filter((v) => v > 0.5).length;
+      const [keepZ, writeZ] = WRITES ? ["&lt;&nbsp;0.1", "&gt;&nbsp;0.9"] : ["&gt;&nbsp;0.9", "&lt;&nbsp;0.1"];
       return `<h3>all ${L.H} units</h3><p>` +
-        `<span class="num">${integ}</span> unit${integ === 1 ? "" : "s"} keep their state (z&nbsp;&gt;&nbsp;0.9) on more than half the steps; ` +
-        `<span class="num">${rew}</span> rewrite it (z&nbsp;&lt;&nbsp;0.1) on more than half.</p>` +
+        `<span class="num">${integ}</span> unit${integ === 1 ? "" : "s"} keep their state (z&nbsp;${keepZ}) on more than half the steps; ` +
+        `<span class="num">${rew}</span> rewrite it (z&nbsp;${writeZ}) on more than half.</p>` +
         `<p>Click a dot, drag the unit slider or press &larr; &rarr; to follow one unit through the text.</p>`;
     }
     const u = S.unit, pct = (v) => `<span class="num">${(100 * v).toFixed(0)}%</span>`;
     let zs = 0, rs = 0;
-    for (let t = 0; t < T; t++) { zs += L.z[t * L.H + u]; rs += L.r[t * L.H + u]; }
-    const kind = L.z_sat.right[u] > 0.5 ? "an integrator: it mostly keeps its state"
-      : L.z_sat.left[u] > 0.5 ? "a fast unit: it mostly rewrites its state"
+    for (let t = 0; t < T; t++) { zs += L.z[t * L.H + u]; if (HAS_R) rs += L.r[t * L.H + u]; }
+    const kind = L.z_sat[KEEP][u] > 0.5 ? "an integrator: it mostly keeps its state"
+      : L.z_sat[WRITE][u] > 0.5 ? "a fast unit: it mostly rewrites its state"
       : "a mixed unit: it keeps at some characters and rewrites at others";
     return `<h3>unit ${u}</h3><p>This unit is ${kind}.</p>` +
       `<p>update gate z: mean <span class="num">${(zs / T / 1000).toFixed(2)}</span>, ` +
-      `below 0.1 at ${pct(L.z_sat.left[u])} and above 0.9 at ${pct(L.z_sat.right[u])} of the steps.<br>` +
-      `reset gate r: mean <span class="num">${(rs / T / 1000).toFixed(2)}</span>, ` +
-      `below 0.1 at ${pct(L.r_sat.left[u])}, above 0.9 at ${pct(L.r_sat.right[u])}.</p>`;
+      `below 0.1 at ${pct(L.z_sat.left[u])} and above 0.9 at ${pct(L.z_sat.right[u])} of the steps.` +
+      (HAS_R ? `<br>reset gate r: mean <span class="num">${(rs / T / 1000).toFixed(2)}</span>, ` +
+        `below 0.1 at ${pct(L.r_sat.left[u])}, above 0.9 at ${pct(L.r_sat.right[u])}.` : "") + `</p>`;
   }
 
   // --- tooltip ---------------------------------------------------------------
@@ -196,13 +207,14 @@
     const tok = D.tokens[t];
     const L = S.layer;
     const who = S.unit < 0 ? `mean of ${H()} units` : `unit ${S.unit}`;
-    const z = value(L, "z", t, S.unit), r = value(L, "r", t, S.unit);
-    const verdict = z > 0.5 ? "keeps" : "rewrites";
+    const z = value(L, "z", t, S.unit), r = HAS_R ? value(L, "r", t, S.unit) : null;
+    const verdict = WRITES ? (z > 0.5 ? "writes" : "keeps") : (z > 0.5 ? "keeps" : "rewrites");
     let h = `<div><span class="ch">${esc(visible(tok))}</span><span class="pos">position ${t + 1} of ${T}</span></div>`;
     if (D.unknown[t]) h += `<div class="warn">not in the vocabulary: read as &lt;unk&gt;</div>`;
     h += `<div class="lbl">gates, ${esc(who)}${D.layers.length > 1 ? ", layer " + (L + 1) : ""}</div>`;
-    h += `<div class="gv">z = ${fmt(z)} <span class="pos">(${verdict})</span><br>r = ${fmt(r)}</div>`;
-    if (S.unit >= 0) h += `<div class="gv pos">mean z = ${fmt(value(L, "z", t, -1))}, mean r = ${fmt(value(L, "r", t, -1))}</div>`;
+    h += `<div class="gv">z = ${fmt(z)} <span class="pos">(${verdict})</span>` + (HAS_R ? `<br>r = ${fmt(r)}` : "") + `</div>`;
+    if (S.unit >= 0) h += `<div class="gv pos">mean z = ${fmt(value(L, "z", t, -1))}` +
+      (HAS_R ? `, mean r = ${fmt(value(L, "r", t, -1))}` : "") + `</div>`;
     h += `<div class="lbl">next, the model guesses</div><table>`;
     const next = t + 1 < T ? D.tokens[t + 1] : null;
     for (const [k, p] of D.top[t]) {
@@ -234,8 +246,12 @@
   });
 
   const Ls = D.layers.length;
-  $("summary").textContent = `${T} tokens \u00b7 ${Ls} GRU layer${Ls > 1 ? "s" : ""} \u00b7 ${D.layers[Ls - 1].H} hidden units` +
-    `${Ls > 1 ? " per layer" : ""} \u00b7 reset gate ${D.reset_after ? "after" : "before"} the matrix product` +
-    ` \u00b7 keys: \u2190 \u2192 unit, m mean, z / r gate`;
+  const kindOf = { gru: "GRU layer", mingru: "minGRU layer", "mingru-block": "minGRU block" }[D.cell] || D.cell + " layer";
+  $("summary").textContent = `${T} tokens \u00b7 ${Ls} ${kindOf}${Ls > 1 ? "s" : ""} \u00b7 ${D.layers[Ls - 1].H} hidden units` +
+    `${Ls > 1 ? " per layer" : ""} \u00b7 ` +
+    (HAS_R ? `reset gate ${D.reset_after ? "after" : "before"} the matrix product \u00b7 keys: \u2190 \u2192 unit, m mean, z / r gate`
+           : "update gate only, z \u2248 1 writes \u00b7 keys: \u2190 \u2192 unit, m mean");
+  if (!HAS_R) { $("gate-r-label").hidden = true; $("fig-r").hidden = true; }
+  if (WRITES) $("z-writes-note").hidden = false;
   update();
 })();
