@@ -103,8 +103,9 @@ def test_state_carried_two_halves_equal_one_pass(cell, embed):
     "kw",
     [dict(cell="gru"), dict(cell="gru", layers=3), dict(cell="gru", layers=2, embed=5),
      dict(cell="gru", layers=2, reset_after=False), dict(cell="lstm"), dict(cell="lstm", layers=2),
-     dict(cell="rnn", layers=2)],
-    ids=["gru", "gru-3-layers", "gru-2-layers-embed", "gru-reset-before", "lstm", "lstm-2-layers", "rnn-2-layers"],
+     dict(cell="rnn", layers=2), dict(cell="mingru", layers=2), dict(cell="mingru-block", layers=2, embed=5)],
+    ids=["gru", "gru-3-layers", "gru-2-layers-embed", "gru-reset-before", "lstm", "lstm-2-layers", "rnn-2-layers",
+         "mingru-2-layers", "mingru-block-2-layers"],
 )
 def test_step_equals_forward(kw):
     V = 8
@@ -154,7 +155,7 @@ def naive_greedy(model, ids: list[int], length: int) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "mingru", "mingru-block"])
 def test_greedy_generate_equals_rerunning_the_sequence(cell):
     vocab = Vocab(TEXT)
     model = tiny_model(cell, vocab_size=len(vocab), hidden=24, layers=2, seed=4)
@@ -317,8 +318,9 @@ def test_evaluate_one_token_is_nan():
 # Checkpoints
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [dict(cell="gru"), dict(cell="lstm", layers=2, embed=6), dict(cell="rnn", dropout=0.2)],
-                         ids=["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("kw", [dict(cell="gru"), dict(cell="lstm", layers=2, embed=6), dict(cell="rnn", dropout=0.2),
+                                dict(cell="mingru", layers=2), dict(cell="mingru-block", layers=2, embed=6)],
+                         ids=["gru", "lstm", "rnn", "mingru", "mingru-block"])
 def test_checkpoint_round_trip(tmp_path, kw):
     vocab = Vocab(TEXT)
     model = tiny_model(vocab_size=len(vocab), hidden=10, **kw)
@@ -531,13 +533,14 @@ def _interrupt_training(monkeypatch, at: int, where: str):
 
 
 @pytest.mark.parametrize("sampling, at, cell", [("sequential", 13, "gru"), ("random", 13, "gru"),
-                                               ("sequential", 10, "gru"), ("sequential", 6, "lstm")],
+                                               ("sequential", 10, "gru"), ("sequential", 6, "lstm"),
+                                               ("sequential", 13, "mingru-block")],
                          ids=["sequential-mid-epoch", "random-mid-epoch", "sequential-epoch-start",
-                              "lstm-sequential-epoch-1"])
+                              "lstm-sequential-epoch-1", "mingru-block-sequential-mid-epoch"])
 def test_ctrl_c_then_resume_equals_training_straight(corpus, straight, tmp_path, monkeypatch, sampling, at, cell):
     """Ctrl-C as batch ``at`` starts (counted over the run: 9 batches an epoch), then --resume: the
     same weights as training straight through, with the cosine schedule, Adam, dropout and the
-    carried state ((h, c) for the LSTM)."""
+    carried state ((h, c) for the LSTM, (h, conv window) for the minGRU block)."""
     if (sampling, cell) == ("sequential", "gru"):
         reference = straight
     else:

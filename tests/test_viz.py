@@ -222,7 +222,7 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def browser_page(html_page):
+def browser():
     sync_api = pytest.importorskip(
         "playwright.sync_api",
         reason="browser tests need Playwright: pip install playwright (its driver is bundled; "
@@ -234,16 +234,26 @@ def browser_page(html_page):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            errors: list[str] = []
-            requests: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(html_page.as_uri())
-            page.wait_for_selector("#text .tok")
-            yield page, errors, requests
+            yield browser
         finally:
             browser.close()
+
+
+def _open(browser, path: Path):
+    """A new tab on ``path``: (page, page errors, requested URLs)."""
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    requests: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(path.as_uri())
+    page.wait_for_selector("#text .tok")
+    return page, errors, requests
+
+
+@pytest.fixture(scope="module")
+def browser_page(browser, html_page):
+    return _open(browser, html_page)
 
 
 def test_browser_renders_every_character(browser_page):
@@ -309,3 +319,70 @@ def test_browser_switches_gate_unit_and_layer(browser_page):
     page.select_option("#layer", "1")
     assert colours() == before
     assert errors == []
+
+
+# -- minGRU: one gate, z, which writes at 1 -------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["mingru", "mingru-block"])
+def test_mingru_trace_matches_forward(cell):
+    model = make_model(17, cell=cell, layers=2, embed=6, dropout=0.2)
+    model.train()  # the trace switches dropout off by itself, and restores the mode
+    ids = torch.randint(0, 17, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    trace = viz.trace_gates(model, ids)
+    assert model.training
+    assert trace["gates"] == ("z",) and trace["z_writes"] and trace["cell"] == cell
+    assert len(trace["layers"]) == 2 and "r" not in trace["layers"][0]
+    model.eval()
+    x = model.inputs(torch.tensor(ids)[:, None])  # (T, 1, I)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([ids]))
+        h_n = state[0] if cell == "mingru-block" else state  # (L, 1, H)
+        if cell == "mingru":  # layer 1's z from its weights, independently: σ(x W_z^T + b_z)
+            W, b = model.rnn.weight_ih_l0, model.rnn.bias_ih_l0
+            z0 = torch.sigmoid(x[:, 0] @ W[:12].t() + b[:12])  # (T, H)
+            torch.testing.assert_close(torch.from_numpy(trace["layers"][0]["z"]), z0, rtol=1e-5, atol=1e-6)
+            out, _ = model.rnn(x)
+            torch.testing.assert_close(torch.from_numpy(trace["layers"][-1]["h"]), out[:, 0], rtol=1e-5, atol=1e-6)
+    for k, layer in enumerate(trace["layers"]):
+        assert layer["z"].shape == (30, 12) and ((layer["z"] > 0) & (layer["z"] < 1)).all()
+        torch.testing.assert_close(torch.from_numpy(layer["h"][-1]), h_n[k, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(trace["top_ids"], torch.softmax(logits[0], -1).topk(5, -1).indices.numpy())
+
+
+@pytest.fixture(scope="module")
+def mingru_page(tmp_path_factory, vocab) -> Path:
+    model = make_model(len(vocab), cell="mingru", layers=2)
+    return viz.render(model, vocab, TEXT, tmp_path_factory.mktemp("viz") / "mingru.html")
+
+
+def test_mingru_page_and_png(mingru_page, tmp_path, vocab):
+    page = mingru_page.read_text(encoding="utf-8")
+    data = _page_data(page)
+    assert data["gates"] == ["z"] and data["z_writes"] and data["cell"] == "mingru"
+    assert "r" not in data["layers"][0] and "r_sat" not in data["layers"][0]
+    assert "What the minGRU" in page and "opposite of the GRU" in page
+    png = viz.render(make_model(len(vocab), cell="mingru-block"), vocab, TEXT[:40], tmp_path / "g.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_browser_mingru_page(browser, mingru_page, vocab):
+    page, errors, requests = _open(browser, mingru_page)
+    try:
+        assert errors == [] and [u for u in requests if not u.startswith("file://")] == []
+        assert page.is_hidden("#gate-r") and page.is_hidden("#sat-r")  # no reset gate
+        assert page.is_visible("#z-writes-note") and page.locator("#sat-z circle").count() == 12
+        assert "writes" in page.inner_text("#legend-text") and "opposite" in page.inner_text("#legend-text")
+        page.keyboard.press("r")  # no r gate to switch to: nothing changes, nothing breaks
+        t = TEXT.index("u")
+        page.locator("#text .tok").nth(t).hover()
+        tip = page.locator("#tooltip")
+        tip.wait_for(state="visible")
+        content = tip.inner_text()
+        z = float(re.search(r"z = (0\.\d{3})", content).group(1))
+        assert ("(writes)" if z > 0.5 else "(keeps)") in content and "r =" not in content
+        page.fill("#unitnum", "3")
+        assert "unit 3" in page.inner_text("#unitinfo") and "reset gate" not in page.inner_text("#unitinfo")
+        assert errors == []
+    finally:
+        page.close()
