@@ -16,12 +16,19 @@ contender once, round-robin); medians are reported. Two parts:
   ``pip install -e .[bench]``). Run twice: at the same width (H = D for
   all), and at matched parameter counts (the minGRUs get the GRU's parameter
   count, i.e. a wider state, H' = 3H(D + H + 2) / (2(D + 1))).
+* ``lm``: training tokens/s of the character language model
+  (:class:`grulab.model.LanguageModel`, vocabulary 76 as Austen's, embedding
+  64, hidden D for every cell): one optimizer step (forward, cross-entropy,
+  backward, Adam) on a (B, T) batch, for ``--cell mingru``, ``mingru-block``,
+  ``gru`` (grulab.GRU, the fused kernel) and ``gru`` on torch.nn.GRU's kernels
+  (``impl="torch"``).
 
 Usage::
 
     python benchmarks/bench_mingru.py                 # writes its section of benchmarks/results.md
     python benchmarks/bench_mingru.py --no-write      # print only
     python benchmarks/bench_mingru.py --reps 5 --T 35 # quick look
+    python benchmarks/bench_mingru.py --part lm       # the language models' training tokens/s only
 
 The section between the ``bench_mingru threads=N`` markers of the output
 file is replaced (one section per thread count); the rest of the file is kept.
@@ -43,6 +50,7 @@ from torch import nn
 import grulab
 from bench_gru import cpu_name, interleaved  # this folder: run as python benchmarks/bench_mingru.py
 from grulab import MinGRU
+from grulab.model import LanguageModel, ModelConfig
 
 try:
     from minGRU_pytorch import minGRU as LucidMinGRU
@@ -146,6 +154,76 @@ def bench_layers(T: int, B: int, D: int, H: int, H_min: int, reps: int) -> dict:
     return {"times": times, "params": params}
 
 
+# -- the language model's training step ---------------------------------------------------
+
+#: The LM contenders: label -> ModelConfig fields (besides the shared width).
+LM_CELLS = {
+    "mingru": dict(cell="mingru"),
+    "mingru-block": dict(cell="mingru-block"),
+    "gru (grulab.GRU)": dict(cell="gru", impl="auto"),
+    "gru (torch.nn.GRU kernels)": dict(cell="gru", impl="torch"),
+}
+
+
+def bench_lm(T: int, B: int, H: int, reps: int, vocab: int = 76, embed: int = 64) -> dict:
+    """Median seconds of one training step (forward, loss, backward, Adam) per LM, interleaved."""
+    torch.manual_seed(0)
+    idx = torch.randint(vocab, (B, T + 1))  # (B, T+1): inputs and next-token targets
+    steps, params = {}, {}
+    for label, kw in LM_CELLS.items():
+        model = LanguageModel(ModelConfig(vocab_size=vocab, hidden=H, embed=embed, **kw)).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            logits, _ = model(idx[:, :-1])  # (B, T, V)
+            torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), idx[:, 1:].reshape(-1)).backward()
+            opt.step()
+
+        steps[label], params[label] = step, sum(p.numel() for p in model.parameters())
+    return {"times": interleaved(steps, reps), "params": params}
+
+
+def lm_table(results: list[tuple[int, dict]], B: int) -> str:
+    names = list(results[0][1]["times"])
+    params = results[0][1]["params"]
+    ours = "mingru"
+    lines = ["| T | " + " | ".join(f"{n} ({params[n] / 1e3:.0f}k)" for n in names)
+             + " | mingru / grulab.GRU | mingru / torch.nn.GRU |", "|" + "---|" * (len(names) + 3)]
+    for T, r in results:
+        tok = {n: B * T / r["times"][n] for n in names}  # tokens per second
+        lines.append(f"| {T} | " + " | ".join(f"{tok[n]:,.0f}" for n in names)
+                     + f" | {tok[ours] / tok['gru (grulab.GRU)']:.2f}× | {tok[ours] / tok['gru (torch.nn.GRU kernels)']:.2f}× |")
+    return "\n".join(lines)
+
+
+def lm_section(args, argv) -> str:
+    B, H = args.batch, args.dim
+    load_before = os.getloadavg()
+    rows = []
+    for T in args.T:
+        rows.append((T, bench_lm(T, B, H, args.reps)))
+        print(f"lm T={T}: " + ", ".join(f"{k} {ms(v)}" for k, v in rows[-1][1]["times"].items()), flush=True)
+    load_after = os.getloadavg()
+    return "\n".join([
+        f"## minGRU language models: training tokens/s, {torch.get_num_threads()} thread(s)",
+        "",
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{_command(argv)}`",
+        f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, threads {torch.get_num_threads()}",
+        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+        f"(the machine is shared; above ~0.5 other processes were competing for the cores)",
+        f"- one training step of grulab.model.LanguageModel (vocabulary 76, embedding 64, hidden {H}, one layer or "
+        f"block), forward + cross-entropy + backward + Adam on a ({B}, T) batch; medians of {args.reps} "
+        f"interleaved repetitions in one process; tokens/s = {B}·T / median; parameter counts in brackets",
+        "",
+        lm_table(rows, B),
+    ])
+
+
+def _command(argv) -> str:
+    return " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+
+
 # -- report ------------------------------------------------------------------------------
 
 
@@ -204,11 +282,22 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's default, the number of cores)")
+    ap.add_argument("--part", choices=["all", "layer", "lm"], default="all",
+                    help="the scan and layer benchmarks, the language models' training tokens/s, or both "
+                         "(each writes its own section)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.reps < 1 or args.batch < 1 or args.dim < 1 or min(args.T) < 1:
         ap.error("--reps, --batch, --dim and --T must be >= 1")
+    if args.part in ("all", "lm"):
+        section = lm_section(args, argv)
+        print("\n" + section)
+        if not args.no_write:
+            write_section(args.out, section, f"lm threads={torch.get_num_threads()}")
+            print(f"\nwrote its section of {args.out}")
+        if args.part == "lm":
+            return 0
     B, D = args.batch, args.dim
     load_before = os.getloadavg()
 
@@ -225,7 +314,7 @@ def main(argv=None) -> int:
         tables.append((label, H_min, layer_table(rows)))
     load_after = os.getloadavg()
 
-    cmd = " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+    cmd = _command(argv)
     lucid = "minGRU-pytorch " + (__import__("importlib.metadata").metadata.version("minGRU-pytorch")
                                  if LucidMinGRU is not None else "not installed (pip install -e .[bench])")
     parts = [
