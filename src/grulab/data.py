@@ -32,15 +32,17 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 from grulab.errors import GrulabError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the vocabulary and tokens work without it
+    import torch
 
 __all__ = [
     "CORPORA",
@@ -52,9 +54,11 @@ __all__ = [
     "Dataset",
     "Vocab",
     "build_dataset",
+    "check_sampling",
     "d2l_preprocess",
     "default_cache_dir",
     "download_timemachine",
+    "encode_prefix",
     "load_corpus",
     "min_tokens",
     "num_batches",
@@ -379,8 +383,8 @@ class Vocab:
         return [get(t, 0) for t in _as_tokens(tokens, self.level)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text for ``ids`` (ints or a tensor): joined with "" at char level, " " at word level."""
-        if isinstance(ids, torch.Tensor):
+        """Text for ``ids`` (ints, a tensor or an array): joined with "" at char level, " " at word level."""
+        if hasattr(ids, "tolist"):  # a torch tensor or a numpy array
             ids = ids.reshape(-1).tolist()
         n = len(self.idx_to_token)
         out = []
@@ -460,6 +464,33 @@ class Vocab:
 
 
 # ---------------------------------------------------------------------------
+# Prompts (for grulab.generate and grulab.onnx_generate)
+# ---------------------------------------------------------------------------
+
+
+def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
+    """Token ids of ``prefix``; unknown tokens become <unk>, with a warning naming them."""
+    tokens = tokenize(prefix, vocab.level)
+    unknown = vocab.unknown_tokens(tokens)
+    if unknown:
+        shown = ", ".join(repr(t) for t in unknown[:10]) + (" …" if len(unknown) > 10 else "")
+        warnings.warn(f"the prefix has tokens the model never saw, read as <unk>: {shown}", stacklevel=3)
+    if not tokens:
+        raise GrulabError("the prefix is empty: give at least one token with --prefix")
+    return vocab.encode(tokens)
+
+
+def check_sampling(temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
+    """GrulabError unless temperature >= 0 (0 = greedy), top_k >= 1 and top_p in (0, 1] (None = off)."""
+    if temperature < 0 or temperature != temperature:
+        raise GrulabError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GrulabError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GrulabError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+# ---------------------------------------------------------------------------
 # Minibatches
 # ---------------------------------------------------------------------------
 
@@ -504,6 +535,8 @@ def num_batches(n_tokens: int, batch_size: int, num_steps: int, sampling: str = 
 
 
 def _as_ids(ids) -> torch.Tensor:
+    import torch
+
     ids = torch.as_tensor(ids)
     if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise GrulabError(f"token ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} {ids.dtype}")
@@ -524,6 +557,8 @@ def _batch_count_or_raise(n: int, batch_size: int, num_steps: int, sampling: str
 
 def _randint(high: int, generator: Optional[torch.Generator]) -> int:
     """A uniform integer in [0, high)."""
+    import torch
+
     return int(torch.randint(high, (1,), generator=generator).item())
 
 
@@ -548,6 +583,8 @@ def random_batches(
     ``generator`` (a seeded ``torch.Generator``) makes it reproducible;
     ``name`` names the corpus in the error raised when it is too short.
     """
+    import torch
+
     ids = _as_ids(ids)
     k = _batch_count_or_raise(len(ids), batch_size, num_steps, "random", name)
     offset = _randint(num_steps, generator)
@@ -631,6 +668,8 @@ def build_dataset(
     The vocabulary is built from the whole text so a split alone never makes
     validation tokens unknown.
     """
+    import torch
+
     _check_level(level)
     text = load_corpus(corpus)
     if d2l:

@@ -15,21 +15,10 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .data import Vocab, tokenize
-from .errors import GrulabError
+from .data import Vocab, check_sampling, encode_prefix
 from .model import LanguageModel
 
-
-def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
-    """Token ids of ``prefix``; unknown tokens become <unk>, with a warning naming them."""
-    tokens = tokenize(prefix, vocab.level)
-    unknown = vocab.unknown_tokens(tokens)
-    if unknown:
-        shown = ", ".join(repr(t) for t in unknown[:10]) + (" …" if len(unknown) > 10 else "")
-        warnings.warn(f"the prefix has tokens the model never saw, read as <unk>: {shown}", stacklevel=3)
-    if not tokens:
-        raise GrulabError("the prefix is empty: give at least one token with --prefix")
-    return vocab.encode(tokens)
+__all__ = ["encode_prefix", "generate", "predict", "sample_next"]
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -61,12 +50,7 @@ def generate(model: LanguageModel, vocab: Vocab, prefix: str, length: int, tempe
     samples, optionally from the ``top_k`` most likely tokens or the smallest
     set whose probability reaches ``top_p``.
     """
-    if temperature < 0 or temperature != temperature:
-        raise GrulabError(f"--temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise GrulabError(f"--top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GrulabError(f"--top-p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     ids = torch.tensor([encode_prefix(vocab, prefix)])  # (1, P)
