@@ -249,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=2.0, help="training budget for the austen demo (default: 2)")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.set_defaults(func=cmd_demo)
+    from .onnx_cli import add_commands
+    add_commands(sub)  # grulab export, grulab generate --onnx
     return parser
 
 

@@ -42,6 +42,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from .data import Vocab
 from .gru import GRU
 
 DEFAULT_OPSET = 17
@@ -206,7 +207,7 @@ def _check_exportable(model: nn.Module, opset: int) -> None:
                          f"got {got}; call model.float() first")
 
 
-def build_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def build_onnx(model: nn.Module, opset: int = DEFAULT_OPSET, vocab: Optional[Vocab] = None) -> onnx.ModelProto:
     """The checked ONNX model for ``model`` (see :func:`export_onnx`), not yet written."""
     from .model import LanguageModel  # here: grulab.model is being rewritten, keep the import surface small
 
@@ -218,6 +219,11 @@ def build_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
         _recurrent_op(model.rnn)  # refuse an unknown cell before building anything
         _language_model_graph(g, model, inputs, outputs)
         meta = {"grulab_kind": "language_model", "grulab_config": json.dumps(model.config.to_dict())}
+        if vocab is not None:
+            if len(vocab) != model.config.vocab_size:
+                raise ValueError(f"export_onnx: the vocabulary has {len(vocab)} tokens, the model "
+                                 f"{model.config.vocab_size}; pass the vocabulary the model was trained with")
+            meta["grulab_vocab"] = json.dumps(vocab.to_dict(), ensure_ascii=False)
     else:
         _recurrent_op(model)
         _recurrent_graph(g, model, inputs, outputs)
@@ -232,7 +238,8 @@ def build_onnx(model: nn.Module, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     return proto
 
 
-def export_onnx(model: nn.Module, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(model: nn.Module, path: Union[str, os.PathLike], opset: int = DEFAULT_OPSET,
+                vocab: Optional[Vocab] = None) -> Path:
     """Write ``model`` as an ONNX file and return its path.
 
     ``model`` is a :class:`grulab.model.LanguageModel` (one-hot or embedding,
@@ -241,9 +248,11 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], opset: int = DE
     (without ``proj_size``) or :class:`torch.nn.RNN`, any number of layers,
     one or two directions. It must be float32. See the module docs for the
     graph's inputs and outputs. The graph is checked with ``onnx.checker``;
-    anything it cannot express raises ValueError naming it.
+    anything it cannot express raises ValueError naming it. A language model's
+    ``vocab`` (:class:`grulab.data.Vocab`), if given, is stored in the file's
+    metadata, so the file alone can generate text.
     """
-    proto = build_onnx(model, opset)
+    proto = build_onnx(model, opset, vocab)
     path = Path(path)
     onnx.save(proto, str(path))
     return path

@@ -1,7 +1,7 @@
 """Generation through onnxruntime, without torch: numpy, onnxruntime and the run's vocab.json.
 
     lm = OnnxLanguageModel("model.onnx")               # written by grulab.export_onnx
-    vocab = Vocab.load("runs/latest/checkpoint/vocab.json")
+    vocab = lm.vocab                                   # stored in the file, or Vocab.load(".../vocab.json")
     for piece in generate(lm, vocab, "The Time ", 100, temperature=0.8):
         print(piece, end="", flush=True)
 
@@ -14,6 +14,7 @@ distributed) text than the same seed under torch; greedy text is the same.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterator, Optional, Union
 
@@ -76,9 +77,18 @@ class OnnxLanguageModel:
         if not inputs or inputs[0] != "tokens" or not outputs or outputs[0] != "logits":
             raise GrulabError(f"{path} is not a grulab language model (inputs {inputs}, outputs {outputs}); "
                               f"export one with `grulab export RUN --onnx FILE`")
-        self.state_names = inputs[1:]  # each state input x comes back as output new_x
+        # the state inputs have zeros as defaults, so onnxruntime lists them as overridable initializers
+        self.state_names = inputs[1:] + [i.name for i in self.session.get_overridable_initializers()]
+        missing = [s for s in self.state_names if "new_" + s not in outputs]
+        if missing:
+            raise GrulabError(f"{path} is not a grulab language model (state inputs {missing} have no new_ "
+                              f"outputs); export one with `grulab export RUN --onnx FILE`")
         self._outputs = ["logits"] + ["new_" + s for s in self.state_names]
         self.vocab_size = self.session.get_outputs()[0].shape[-1]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        # the vocabulary stored by export_onnx(..., vocab=...), or None
+        self.vocab = Vocab.from_dict(json.loads(meta["grulab_vocab"]), source=f"{path} metadata") \
+            if "grulab_vocab" in meta else None
 
     def __call__(self, tokens: np.ndarray, state: Optional[dict] = None) -> tuple[np.ndarray, dict]:
         feed = {"tokens": np.ascontiguousarray(tokens, dtype=np.int64), **(state or {})}
