@@ -12,7 +12,7 @@ logits and the new state out, the state carried from step to step, as
 
 All run in one process, interleaved (each round times every contender on
 ``--tokens`` steps, in a rotating order), and the medians over the rounds
-are reported, with each ratio's median and range over the rounds. Outputs
+are reported, with each ratio's median and interquartile range over the rounds. Outputs
 are checked to agree first. The machine is shared: prefer many rounds.
 
 Usage::
@@ -122,7 +122,13 @@ def bench(name: str, kw: dict, rounds: int, tokens: int, threads: int, tmp: Path
             times[k].append(time_round(steps[k], tokens))
     ratios = {k: [t / o for t, o in zip(times[k], times["onnxruntime"])] for k in steps}
     return {"name": name, "diff": diff, "median": {k: statistics.median(v) for k, v in times.items()},
-            "ratio": {k: (statistics.median(v), min(v), max(v)) for k, v in ratios.items()}}
+            "ratio": {k: quartiles(v) for k, v in ratios.items()}}
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile)."""
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q2, q1, q3
 
 
 def table(results: list[dict]) -> str:
@@ -159,7 +165,8 @@ def main(argv=None) -> int:
         f"{args.threads} thread(s) for torch and onnxruntime",
         f"- load average (1 min) before / after: {load0:.2f} / {load1:.2f}",
         f"- per token: medians over {args.rounds} interleaved rounds of {args.tokens} greedy steps (B = 1, "
-        f"state carried); in brackets: time / onnxruntime's time, median and range over the rounds "
+        f"state carried); in brackets: time / onnxruntime's time in the same round, median and "
+        f"interquartile range over the rounds "
         f"(above 1 = slower than onnxruntime)",
         f"- outputs agree to {max(r['diff'] for r in results):.1e} (max |logit difference| over 20 greedy steps)",
         f"- command: benchmarks/bench_export.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
