@@ -234,6 +234,11 @@ def test_refuses_what_it_cannot_express(tmp_path):
     model.rnn = MinGRU()
     with pytest.raises(ValueError, match="cannot express MinGRU"):
         grulab.export_onnx(model, tmp_path / "x.onnx")
+    class Subclass(grulab.GRU):  # may compute something else: refused, not exported as a plain GRU
+        pass
+
+    with pytest.raises(ValueError, match="cannot express Subclass"):
+        build_onnx(Subclass(3, 4))
     with pytest.raises(ValueError, match="proj_size=2"):
         build_onnx(nn.LSTM(3, 4, proj_size=2))
     with pytest.raises(ValueError, match="float32.*torch.float64"):

@@ -57,17 +57,21 @@ _GATE_ORDER = {
 
 
 def _recurrent_op(rnn: nn.Module) -> tuple[str, dict]:
-    """The ONNX operator for a recurrent module and its cell-specific attributes; ValueError if none."""
-    if isinstance(rnn, GRU):
+    """The ONNX operator for a recurrent module and its cell-specific attributes; ValueError if none.
+
+    Exact types only: a subclass may compute something else (a minGRU built on grulab.GRU, say).
+    """
+    kind = type(rnn)
+    if kind is GRU:
         return "GRU", {"linear_before_reset": int(rnn.reset_after)}
-    if isinstance(rnn, nn.GRU):
+    if kind is nn.GRU:
         return "GRU", {"linear_before_reset": 1}  # torch.nn.GRU is the reset-after cell
-    if isinstance(rnn, nn.LSTM):
+    if kind is nn.LSTM:
         if rnn.proj_size:
             raise ValueError(f"export_onnx: an LSTM with proj_size={rnn.proj_size} has no ONNX LSTM form; "
                              f"export a model with proj_size=0")
         return "LSTM", {}
-    if isinstance(rnn, nn.RNN):
+    if kind is nn.RNN:
         act = {"RNN_TANH": "Tanh", "RNN_RELU": "Relu"}[rnn.mode]
         return "RNN", {"activations": [act] * (2 if rnn.bidirectional else 1)}
     raise ValueError(

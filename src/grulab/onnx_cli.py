@@ -8,6 +8,9 @@ Bad input is a :class:`~grulab.errors.GrulabError`: one line, non-zero exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -53,18 +56,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         raise GrulabError(f"cannot export {args.dir}: {str(e).removeprefix('export_onnx: ')}") from None
     out = Path(args.onnx)
+    tmp = out.with_name(out.name + ".tmp")
     try:
-        onnx.save(proto, str(out))
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)  # whole or not at all
     except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise GrulabError(f"cannot write {out}: {e.strerror or e}; give --onnx a path in a writable directory") from None
     line = f"wrote {out} (opset {opset}, {out.stat().st_size / 1e6:.2f} MB)"
-    try:
-        diff = max_difference(ckpt.model, out)
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         print(f"{line}; onnxruntime is not installed, so it was not checked ({_INSTALL})")
         return 0
+    diff = max_difference(ckpt.model, out)
     if not diff <= 1e-4:
-        raise GrulabError(f"{out} disagrees with the PyTorch model (max |difference| {diff:.2e} in the logits); "
+        out.unlink()
+        raise GrulabError(f"{out} disagrees with the PyTorch model (max |difference| {diff:.2e} in the logits or state); "
                           f"this is a bug in grulab's exporter, please report it")
     print(f"{line}; onnxruntime matches PyTorch to {diff:.1e} on a random batch")
     return 0
