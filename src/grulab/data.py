@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -39,14 +40,15 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
-from grulab.errors import GrulabError
+from grulab.errors import ConfigError, GrulabError
 
-if TYPE_CHECKING:  # torch is imported where it is used: the vocabulary and tokens work without it
+if TYPE_CHECKING:  # torch is imported where it is used: tokens, vocabulary and prompts work without it
     import torch
 
 __all__ = [
     "CORPORA",
     "LEVELS",
+    "SAMPLERS",
     "SAMPLINGS",
     "TIMEMACHINE_URL",
     "TIMEMACHINE_SHA1",
@@ -59,6 +61,7 @@ __all__ = [
     "default_cache_dir",
     "download_timemachine",
     "encode_prefix",
+    "encode_warning",
     "load_corpus",
     "min_tokens",
     "num_batches",
@@ -463,40 +466,50 @@ class Vocab:
         return cls.from_dict(d, source=str(p))
 
 
+def encode_warning(vocab: "Vocab", tokens: list[str], what: str) -> list[int]:
+    """``vocab.encode(tokens)``, with one warning naming the tokens the vocabulary lacks.
+
+    Those tokens are read as <unk>; ``what`` names the text in the warning
+    ("the prefix", a file name). Needs only ``vocab.encode`` and ``vocab.unk``.
+    """
+    ids = vocab.encode(tokens)
+    missing = list(dict.fromkeys(t for t, i in zip(tokens, ids) if i == vocab.unk and t != UNK))
+    if missing:
+        shown = ", ".join(map(repr, missing[:10])) + (" …" if len(missing) > 10 else "")
+        warnings.warn(f"{what} has tokens the model never saw, read as <unk>: {shown}", stacklevel=3)
+    return ids
+
+
 # ---------------------------------------------------------------------------
-# Prompts (for grulab.generate and grulab.onnx_generate)
+# Prompts (for grulab.generate and grulab.onnx_generate, which runs without torch)
 # ---------------------------------------------------------------------------
 
 
 def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
     """Token ids of ``prefix``; unknown tokens become <unk>, with a warning naming them."""
     tokens = tokenize(prefix, vocab.level)
-    unknown = vocab.unknown_tokens(tokens)
-    if unknown:
-        shown = ", ".join(repr(t) for t in unknown[:10]) + (" …" if len(unknown) > 10 else "")
-        warnings.warn(f"the prefix has tokens the model never saw, read as <unk>: {shown}", stacklevel=3)
+    ids = encode_warning(vocab, tokens, "the prefix")
     if not tokens:
         raise GrulabError("the prefix is empty: give at least one token with --prefix")
-    return vocab.encode(tokens)
+    return ids
 
 
-def check_sampling(temperature: float, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
-    """GrulabError unless temperature >= 0 (0 = greedy), top_k >= 1 and top_p in (0, 1] (None = off)."""
-    if temperature < 0 or temperature != temperature:
-        raise GrulabError(f"--temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise GrulabError(f"--top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GrulabError(f"--top-p must be in (0, 1], got {top_p}")
+def check_sampling(length: int = 0, temperature: float = 0.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None) -> None:
+    """ConfigError naming the first argument of :func:`generate` that is out of range."""
+    for name, value, ok, want in [
+        ("length", length, length >= 0, "an integer >= 0"),
+        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
+        ("top_k", top_k, top_k is None or top_k >= 1, "an integer >= 1"),
+        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]"),
+    ]:
+        if not ok:
+            raise ConfigError(name, want, value)
 
 
 # ---------------------------------------------------------------------------
 # Minibatches
 # ---------------------------------------------------------------------------
-
-#: Sampling schemes understood by :func:`num_batches`.
-SAMPLINGS = ("random", "sequential")
-
 
 def _check_shape(batch_size: int, num_steps: int) -> None:
     for flag, value in (("--batch-size", batch_size), ("--num-steps", num_steps)):
@@ -628,6 +641,11 @@ def sequential_batches(
         yield xs[:, cols], ys[:, cols]
 
 
+#: The sampling schemes and their samplers: ``SAMPLERS[sampling](ids, batch_size, num_steps, generator)``.
+SAMPLERS = {"random": random_batches, "sequential": sequential_batches}
+SAMPLINGS = tuple(SAMPLERS)
+
+
 def split_train_val(ids, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Split token ids into (train, val): the last ``val_fraction`` of the corpus is
     held out (``floor(len * val_fraction)`` tokens; 0 gives an empty val)."""
@@ -661,12 +679,15 @@ def build_dataset(
     min_freq: int = 0,
     d2l: bool = False,
     val_fraction: float = 0.1,
+    max_tokens: int = 0,
 ) -> Dataset:
     """Load ``corpus`` (a name or path), optionally d2l-preprocess it, tokenize it,
     build the vocabulary and split the ids into train and validation.
 
     The vocabulary is built from the whole text so a split alone never makes
-    validation tokens unknown.
+    validation tokens unknown. ``max_tokens`` > 0 trains on the first that many
+    tokens only, as d2l's ``load_data_time_machine`` (10,000); the validation
+    tail stays where ``val_fraction`` puts it.
     """
     import torch
 
@@ -685,4 +706,6 @@ def build_dataset(
     vocab = Vocab(tokens, min_freq=min_freq, level=level)
     ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
     train_ids, val_ids = split_train_val(ids, val_fraction)
+    if max_tokens:
+        train_ids = train_ids[:max_tokens]
     return Dataset(vocab=vocab, train_ids=train_ids, val_ids=val_ids, name=str(corpus))

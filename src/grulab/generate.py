@@ -18,7 +18,7 @@ from torch import Tensor
 from .data import Vocab, check_sampling, encode_prefix
 from .model import LanguageModel
 
-__all__ = ["encode_prefix", "generate", "predict", "sample_next"]
+__all__ = ["check_sampling", "encode_prefix", "generate", "predict", "sample_next"]
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -50,7 +50,7 @@ def generate(model: LanguageModel, vocab: Vocab, prefix: str, length: int, tempe
     samples, optionally from the ``top_k`` most likely tokens or the smallest
     set whose probability reaches ``top_p``.
     """
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(length, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     ids = torch.tensor([encode_prefix(vocab, prefix)])  # (1, P)

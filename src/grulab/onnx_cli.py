@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import GrulabError, UsageError
+from .errors import ConfigError, GrulabError, UsageError
 
 _INSTALL = "pip install 'grulab[export]'"
 
@@ -104,12 +104,10 @@ def cmd_generate_onnx(args: argparse.Namespace) -> int:
     from .data import Vocab, check_sampling
     from .onnx_generate import OnnxLanguageModel, generate
 
-    if args.length < 0:
-        raise UsageError(f"--length must be >= 0, got {args.length}")
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
-    except GrulabError as e:
-        raise UsageError(str(e)) from None
+        check_sampling(args.length, args.temperature, args.top_k, args.top_p)
+    except ConfigError as e:  # named as the parameter (top_k); told as the flag (--top-k)
+        raise UsageError(f"--{e.name.replace('_', '-')} must be {e.want}, got {e.value!r}") from None
     try:
         rng = np.random.default_rng(args.seed)
     except ValueError:

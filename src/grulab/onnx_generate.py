@@ -100,7 +100,7 @@ def generate(lm: OnnxLanguageModel, vocab: Vocab, prefix: str, length: int, temp
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              rng: Optional[np.random.Generator] = None) -> Iterator[str]:
     """Yield ``length`` new tokens (as text) continuing ``prefix``, as :func:`grulab.generate.generate`."""
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(length, temperature, top_k, top_p)
     if lm.vocab_size != len(vocab):
         raise GrulabError(f"the ONNX model has {lm.vocab_size} output tokens, the vocabulary {len(vocab)}: "
                           f"use the vocab.json of the run the model was exported from")
