@@ -291,10 +291,11 @@ def grulab_cli(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A few steps of `grulab train` on the bundled Austen corpus, tiny settings."""
+    """A few steps of `grulab train` on the bundled Austen corpus, tiny settings, the notes' reset-before GRU
+    (linear_before_reset=0; the library tests cover both forms)."""
     run = tmp_path_factory.mktemp("export") / "run"
     proc = grulab_cli("train", "--corpus", "austen", "--out", run, "--hidden", "24", "--embed", "8",
-                      "--layers", "2", "--batch-size", "4", "--num-steps", "16", "--epochs", "0",
+                      "--layers", "2", "--reset-before", "--batch-size", "4", "--num-steps", "16", "--epochs", "0",
                       "--max-minutes", "0.03", "--seed", "0", "--no-progress", "--predict-length", "1")
     assert proc.returncode == 0, proc.stderr
     return run

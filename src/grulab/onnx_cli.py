@@ -27,12 +27,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "The file is checked in onnxruntime against PyTorch before the command ends.")
     p.add_argument("dir", help="run directory (the --out of grulab train)")
     p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write, e.g. model.onnx")
-    p.add_argument("--opset", type=int, help="ONNX opset version (default: grulab.export.DEFAULT_OPSET; the command prints the one used)")
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: grulab.export.DEFAULT_OPSET, printed on export)")
     p.set_defaults(func=cmd_export)
 
     gen = sub.choices["generate"]
-    gen.add_argument("--onnx", metavar="FILE", help="generate through onnxruntime with this file from "
-                     "`grulab export` (the model runs in onnxruntime; the vocabulary comes from the run)")
+    gen.add_argument("--onnx", metavar="FILE", help="run this file from `grulab export` in onnxruntime; the "
+                     "vocabulary comes from the run (default: PyTorch runs the run's checkpoint)")
     torch_path = gen.get_default("func")
     gen.set_defaults(func=lambda args: cmd_generate_onnx(args) if args.onnx else torch_path(args))
 
