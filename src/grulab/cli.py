@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device type (default: cpu)")
     p.add_argument("--reset-before", action="store_true", help="ask for the notes' reset-before cell (default: reset-after)")
     p.set_defaults(func=cmd_kernels)
+    from .onnx_cli import add_commands
+    add_commands(sub)  # grulab export, grulab generate --onnx
     return parser
 
 

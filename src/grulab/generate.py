@@ -9,38 +9,16 @@ GRU), never a re-run of the text so far.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .data import Vocab, encode_warning, tokenize
-from .errors import ConfigError, GrulabError
+from .data import Vocab, check_sampling, encode_prefix
 from .model import LanguageModel
 
-
-def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
-    """Token ids of ``prefix``; unknown tokens become <unk>, with a warning naming them."""
-    tokens = tokenize(prefix, vocab.level)
-    ids = encode_warning(vocab, tokens, "the prefix")
-    if not tokens:
-        raise GrulabError("the prefix is empty: give at least one token with --prefix")
-    return ids
-
-
-def check_sampling(length: int = 0, temperature: float = 0.0, top_k: Optional[int] = None,
-                   top_p: Optional[float] = None) -> None:
-    """ConfigError naming the first argument of :func:`generate` that is out of range."""
-    for name, value, ok, want in [
-        ("length", length, length >= 0, "an integer >= 0"),
-        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
-        ("top_k", top_k, top_k is None or top_k >= 1, "an integer >= 1"),
-        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]"),
-    ]:
-        if not ok:
-            raise ConfigError(name, want, value)
+__all__ = ["check_sampling", "encode_prefix", "generate", "predict", "sample_next"]
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
