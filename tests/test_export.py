@@ -319,6 +319,19 @@ def test_cli_export_then_generate(trained):
     assert main([str(a) for a in sampled]) == 0
 
 
+def test_cli_generate_onnx_runs_without_torch(trained):
+    """`grulab generate RUN --onnx FILE` as a user runs it: torch is never imported."""
+    onnx_path = trained.parent / "model-notorch.onnx"
+    assert grulab_cli("export", trained, "--onnx", onnx_path).returncode == 0
+    code = ("import sys\nfrom grulab.cli import main\n"
+            f"rc = main(['generate', {str(trained)!r}, '--onnx', {str(onnx_path)!r}, '--length', '20', '--temperature', '0'])\n"
+            "assert rc == 0\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout) > 20
+
+
 def bad_cli_cases(run: Path, tmp: Path) -> dict[str, tuple[list, int, str]]:
     (tmp / "a-file").write_text("x")
     (tmp / "not.onnx").write_text("not a model")

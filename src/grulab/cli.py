@@ -238,22 +238,8 @@ def _preset_help() -> str:
             + " (default: none, the defaults below)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import compare
-    from .model import CELLS
-    from .train import PRESETS
-
-    parser = _Parser(prog="grulab", description="Gated recurrent units: train, sample, evaluate, compare, look inside.")
-    parser.add_argument("--version", action="version", version=f"grulab {__import__('grulab').__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    p = sub.add_parser("train", help="train a language model on a text",
-                       description="Train a character- or word-level language model. Flags override --preset.")
-    p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
-    _add_config_flags(p, {})
-    p.set_defaults(func=cmd_train, config_defaults={})
-
+def _add_generate(sub) -> None:
+    """The generate command (its ONNX path, added by onnx_cli, must not import torch)."""
     p = sub.add_parser("generate", help="continue a prefix with a trained model")
     p.add_argument("dir", help="run directory (the --out of grulab train)")
     p.add_argument("--prefix", help="text to continue (default: a newline)")
@@ -265,6 +251,40 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all tokens)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling (default: unseeded)")
     p.set_defaults(func=cmd_generate)
+
+
+def _top_parser():
+    parser = _Parser(prog="grulab", description="Gated recurrent units: train, sample, evaluate, compare, look inside.")
+    parser.add_argument("--version", action="version", version=f"grulab {__import__('grulab').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    return parser, sub
+
+
+def _onnx_generate_parser() -> argparse.ArgumentParser:
+    """Only `grulab generate` (and export), built without importing torch: `generate --onnx` runs torch-free."""
+    from .onnx_cli import add_commands
+
+    parser, sub = _top_parser()
+    _add_generate(sub)
+    add_commands(sub)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import compare
+    from .model import CELLS
+    from .train import PRESETS
+
+    parser, sub = _top_parser()
+
+    p = sub.add_parser("train", help="train a language model on a text",
+                       description="Train a character- or word-level language model. Flags override --preset.")
+    p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
+    _add_config_flags(p, {})
+    p.set_defaults(func=cmd_train, config_defaults={})
+
+    _add_generate(sub)
 
     p = sub.add_parser("eval", help="perplexity and bits per token of a text")
     p.add_argument("dir", help="run directory (the --out of grulab train)")
@@ -311,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        onnx_path = argv[:1] == ["generate"] and any(a == "--onnx" or a.startswith("--onnx=") for a in argv)
+        args = (_onnx_generate_parser() if onnx_path else build_parser()).parse_args(argv)
         return args.func(args)
     except GrulabError as e:
         print(f"grulab: error: {e}", file=sys.stderr)

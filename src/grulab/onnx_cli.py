@@ -114,10 +114,8 @@ def cmd_generate_onnx(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be an integer >= 0, got {args.seed}") from None
     if not Path(args.onnx).is_file():
         raise GrulabError(f"no ONNX file at {args.onnx}; write one with `grulab export {args.dir} --onnx {args.onnx}`")
-    from .checkpoint import find  # the only import here that loads torch (checkpoint.py imports it)
-
-    vocab = Vocab.load(find(Path(args.dir)) / "vocab.json")
     lm = OnnxLanguageModel(args.onnx)
+    vocab = _run_vocab(Path(args.dir), lm.vocab)
     if lm.vocab is not None and lm.vocab != vocab:
         raise GrulabError(f"{args.onnx} was exported with another vocabulary than the run {args.dir}; "
                           f"export this run again or give the run it came from")
@@ -128,3 +126,20 @@ def cmd_generate_onnx(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _run_vocab(run: Path, stored):
+    """The run's vocabulary. A file from `grulab export` carries its own, checked against the
+    run's vocab.json read as plain JSON (no torch); only a file without one needs checkpoint.find."""
+    from .data import Vocab
+
+    if stored is not None:
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):
+            if (run / name / "vocab.json").is_file():
+                return Vocab.load(run / name / "vocab.json")
+        if not run.is_dir():
+            raise GrulabError(f"no run directory at {run}; give the --out of grulab train")
+        return stored
+    from .checkpoint import find  # loads torch (checkpoint.py imports it)
+
+    return Vocab.load(find(run) / "vocab.json")
