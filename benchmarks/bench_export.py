@@ -41,13 +41,15 @@ import grulab
 from grulab.model import LanguageModel, ModelConfig
 from grulab.onnx_generate import OnnxLanguageModel
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gru import write_section  # noqa: E402  (this folder)
+
 # (name, ModelConfig keywords): the notes' one-hot model, `grulab train`'s default model, a deeper one
 CONFIGS = [
     ("notes: one-hot V=28, H=256", dict(vocab_size=28, hidden=256, embed=0)),
     ("train default: V=90, E=64, H=384", dict(vocab_size=90, hidden=384, embed=64)),
     ("2 layers: V=90, E=64, H=512", dict(vocab_size=90, hidden=512, embed=64, layers=2)),
 ]
-BEGIN, END = "<!-- bench_export begin -->", "<!-- bench_export end -->"
 
 
 def cpu_name() -> str:
@@ -174,13 +176,7 @@ def main(argv=None) -> int:
     section = "## Export: per-token generation latency\n\n" + "\n".join(meta) + "\n\n" + table(results) + "\n"
     print(section)
     if not args.no_write:
-        text = args.out.read_text(encoding="utf-8") if args.out.exists() else ""
-        block = f"{BEGIN}\n{section}{END}\n"
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block
-        args.out.write_text(text, encoding="utf-8")
+        write_section(args.out, section.rstrip("\n"), "bench_export")
         print(f"updated {args.out}")
     return 0
 
