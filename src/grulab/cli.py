@@ -73,16 +73,19 @@ def _given(args: argparse.Namespace, cls) -> dict:
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import rundir, validate
     from .train import TrainConfig, resume_config, train, with_preset
 
     given = _given(args, TrainConfig)
+    validate.check_flags(given, validate.TRAIN_FIELDS)  # issue 11: ranges before anything is built
     if given.pop("resume", False):
         if args.preset:
             raise UsageError("--preset cannot change on --resume: the run keeps its settings")
         config = resume_config(given.pop("out", TrainConfig().out), **given)
     else:
         config = replace(with_preset(TrainConfig(), args.preset), **given)
-    last = train(config)
+    with rundir.claim(Path(config.out), resume=config.resume, overwrite=args.overwrite):  # issue 11
+        last = train(config)
     if last:
         print(f"done: val perplexity {last['val_ppl']:.3f}, train perplexity {last['train_ppl']:.3f}, "
               f"checkpoint in {Path(config.out) / 'checkpoint'}")
@@ -103,13 +106,14 @@ def _check_number(flag: str, value, low=None, inclusive=True, high=None):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint
+    from . import checkpoint, validate
     from .generate import generate
 
     _check_number("--length", args.length, 0)
     _check_number("--temperature", args.temperature, 0)
     _check_number("--top-k", args.top_k, 1)
     _check_number("--top-p", args.top_p, 0, inclusive=False, high=1)
+    validate.check_flag("seed", args.seed, validate.SEED)  # issue 11
     ckpt = checkpoint.load(Path(args.dir))
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prefix = args.prefix if args.prefix is not None else "\n"
@@ -125,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint
+    from . import checkpoint, validate
     from .data import d2l_preprocess, load_corpus, tokenize
     from .train import evaluate
 
@@ -142,7 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise GrulabError(f"{args.textfile} has {len(tokens)} token(s); evaluation needs at least 2")
     ids = torch.tensor(ckpt.vocab.encode(tokens), dtype=torch.long)
     nll, n = evaluate(ckpt.model, ids, 32, int(ckpt.train.get("num_steps", 64)))
-    result = {"perplexity": math.exp(nll), "bits_per_token": nll / math.log(2), "tokens": n}
+    ppl = validate.finite_perplexity(nll, args.textfile)  # issue 11: a NaN perplexity exits 1
+    result = {"perplexity": ppl, "bits_per_token": nll / math.log(2), "tokens": n}
     if args.json:
         print(json.dumps(result))
     else:
@@ -211,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named setting: d2l = the notes' "
                    "one-hot GRU(256), SGD lr 1, clip 1, batch 32×35, random sampling, 500 epochs")
     _add_config_flags(p, TrainConfig)
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (issue 11)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue a prefix with a trained model")
@@ -260,9 +266,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GrulabError as e:
         print(f"grulab: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("grulab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP via grulab.signals.Stopped (issue 11)
+        code = getattr(e, "exit_code", 130)
+        print("grulab: interrupted" if code == 130 else f"grulab: stopped by {e}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         return 0
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -26,6 +24,7 @@ from . import checkpoint
 from .data import build_dataset, min_tokens, num_batches, random_batches, sequential_batches
 from .errors import GrulabError
 from .model import LanguageModel, ModelConfig, count_parameters, detach_state
+from .signals import StopOnSignal
 
 
 @dataclass
@@ -176,30 +175,6 @@ def perplexity(nll: float) -> float:
     return math.exp(nll) if nll < 709 else math.inf
 
 
-class _DeferredInterrupt:
-    """The first Ctrl-C only asks the loop to stop after the current batch (so the
-    checkpoint it saves is consistent); a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this batch (Ctrl-C again to quit without saving)", flush=True)
-
-    def __enter__(self) -> "_DeferredInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def lr_at(config: TrainConfig, progress: float) -> float:
     """The learning rate at ``progress`` ∈ [0, 1] of the budget."""
     if config.schedule == "constant":
@@ -218,7 +193,7 @@ def _log(msg: str) -> None:
 def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Train as ``config`` says; return the last epoch's metrics.
 
-    Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt; a NaN or
+    Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and raises signals.Stopped (a KeyboardInterrupt); a NaN or
     infinite loss raises GrulabError and leaves the last good checkpoint.
     """
     from .generate import predict  # generation imports the model; keep train importable alone
@@ -228,6 +203,7 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
     resumed = None
     if config.resume:
         resumed = checkpoint.load(out, with_training_state=True)
+        checkpoint.trim_metrics(out, resumed)  # rows written after that save: their training is redone
         if resumed.model.config != config.model_config(resumed.model.config.vocab_size):
             raise GrulabError(f"the model in {resumed.path} is not the one this config describes; "
                               "build the config with grulab.train.resume_config(out)")
@@ -271,7 +247,7 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
         if "state_h" in extra:
             state = (extra["state_h"], extra["state_c"]) if "state_c" in extra else extra["state_h"]
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / checkpoint.METRICS
     if resumed is None:
         metrics_path.write_text("")
 
@@ -318,10 +294,10 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
         if math.isinf(row["train_ppl"]) or math.isinf(row["val_ppl"]) or (len(data.val_ids) > 1 and val_nll != val_nll):
             diverged(f"epoch {row['epoch']:.2f}", f"the perplexity is {row['train_ppl']} (train), {row['val_ppl']} (val)")
         seg.update(loss=0.0, tokens=0, train_s=0.0)
+        # the row goes first: the checkpoint records how much of metrics.jsonl is its own
+        checkpoint.append_metrics(out, {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                        for k, v in row.items()})
         save(carried)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                                for k, v in row.items()}) + "\n")
         bar.console.print(
             f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  val ppl {row['val_ppl']:.3f}  "
             f"{row['tokens_per_s']:,.0f} tok/s  lr {row['lr']:.2e}  {row['elapsed']:.0f}s", highlight=False)
@@ -338,7 +314,7 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
                           + "lower --lr or set --clip")
 
     done = False
-    with bar, _DeferredInterrupt() as interrupt:
+    with bar, StopOnSignal() as interrupt:
         while not done:
             epoch = progress["epoch"] + 1
             if config.epochs and epoch > config.epochs:
@@ -350,13 +326,13 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
             for i, (X, Y) in enumerate(batches(data.train_ids, config.batch_size, config.num_steps, batch_gen)):
                 if i < progress["batch"]:
                     continue  # resuming mid-epoch: these batches were trained on
-                if interrupt.requested:  # Ctrl-C: stop between batches, where the state is consistent
+                if interrupt.requested:  # Ctrl-C, SIGTERM, SIGHUP: stop between batches, where the state is consistent
                     progress["elapsed"] = time.perf_counter() - start_time
                     save(state)
                     bar.stop()
                     _log(f"interrupted: checkpoint saved to {out / checkpoint.CHECKPOINT}; "
                          f"continue with: grulab train --resume --out {out}")
-                    raise KeyboardInterrupt
+                    raise interrupt.interrupt()
                 t0 = time.perf_counter()
                 if budget_s and t0 - start_time >= budget_s:
                     done = True

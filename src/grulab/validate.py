@@ -174,7 +174,7 @@ MODEL_FIELDS: dict[str, Spec] = {
 
 # The training section of config.json (grulab.train.TrainConfig), which also holds the
 # model's fields: the same table checks `grulab train`'s flags. Seeds are what
-# torch.Generator.manual_seed takes; an lr past 1e6 overflows Adam's float32 step.
+# torch.Generator.manual_seed takes; Adam's float32 step, lr / (1 - beta1), overflows past ~3e37.
 SEED = Int(0, 2**64 - 1)
 TRAIN_FIELDS: dict[str, Spec] = {
     **{k: v for k, v in MODEL_FIELDS.items() if k != "vocab_size"},
@@ -185,7 +185,7 @@ TRAIN_FIELDS: dict[str, Spec] = {
     "val_fraction": Real(0, 1, high_open=True),
     "batch_size": Int(1, 2**20),
     "num_steps": Int(1, 2**20),
-    "lr": Real(0, 1e6, low_open=True),
+    "lr": Real(0, 1e30, low_open=True),
     "clip": Real(0, math.inf),
     "seed": SEED,
     "prefixes": Texts(),
