@@ -9,11 +9,13 @@ STAMP := $(VENV)/.grulab-installed
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard src/grulab/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=68" wheel ninja
+	@echo "grulab: installing, and compiling the native GRU kernel for every x86-64 CPU (about a minute) ..."
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(VENV)/bin/grulab kernels
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,4 +28,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_gru.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info src/grulab/_native*.so

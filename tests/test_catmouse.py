@@ -55,9 +55,22 @@ def test_gru_remembers_rnn_forgets(tmp_path):
 
 
 def test_update_gates_match_the_layer():
+    """z from update_gates is the update gate of the layer's own forward: with the states h_{t-1} the
+    layer itself computes (impl "auto", the fused kernel), Z_t = σ(X_t W_xz + b_iz + H_{t-1} W_hz + b_hz),
+    and the new state h_t = z ⊙ h_{t-1} + (1 − z) ⊙ ñ holds with that z."""
     torch.manual_seed(0)
     model = catmouse.Classifier("gru", 6, 3)
     x, _, _ = catmouse.make_task(4, 10, torch.Generator().manual_seed(1))
-    z = catmouse.update_gates(model.rnn, x)
+    z = catmouse.update_gates(model.rnn, x)  # (B, T, H)
     assert z.shape == (4, 10 + catmouse.EARLY, 6)
-    assert ((z > 0) & (z < 1)).all()
+
+    gru = model.rnn
+    inputs = torch.nn.functional.one_hot(x.t(), gru.input_size).float()  # (T, B, V)
+    with torch.no_grad():
+        out, _ = gru(inputs)  # (T, B, H): the layer's own states
+        h_prev = torch.cat([torch.zeros_like(out[:1]), out[:-1]])  # (T, B, H): h_{t-1}
+        W_iz, W_hz = gru.weight_ih_l0.chunk(3)[1], gru.weight_hh_l0.chunk(3)[1]
+        b_iz, b_hz = gru.bias_ih_l0.chunk(3)[1], gru.bias_hh_l0.chunk(3)[1]
+        z_layer = torch.sigmoid(inputs @ W_iz.T + b_iz + h_prev @ W_hz.T + b_hz)  # (T, B, H)
+    torch.testing.assert_close(z, z_layer.transpose(0, 1), rtol=1e-4, atol=1e-5)
+    assert z.std() > 0.01  # not a constant: the gates vary with the input and the state

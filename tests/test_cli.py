@@ -336,11 +336,12 @@ def test_preset_d2l_with_overrides(work, tmp_path, capsys):
     assert main(["train", "--preset", "d2l", "--corpus", str(work / "corpus.txt"), "--out", str(out), "--hidden", "8",
                  "--batch-size", "4", "--num-steps", "8", "--epochs", "1", "--no-progress"]) == 0
     saved = checkpoint.load(out).train
-    # the notes' settings, but the flags given win
+    # the notes' settings, but the flags given win (issue 10: the notes run sequential batches, d2l's
+    # default use_random_iter=False, and the reset-before cell with their own init)
     assert {k: saved[k] for k in ("cell", "embed", "optimizer", "lr", "clip", "sampling", "schedule", "max_minutes",
-                                  "prefixes")} == dict(cell="gru", embed=0, optimizer="sgd", lr=1.0, clip=1.0,
-                                                       sampling="random", schedule="constant", max_minutes=0.0,
-                                                       prefixes=["time traveller", "traveller"])
+                                  "prefixes", "reset_after", "init")} == dict(
+        cell="gru", embed=0, optimizer="sgd", lr=1.0, clip=1.0, sampling="sequential", schedule="constant",
+        max_minutes=0.0, prefixes=["time traveller", "traveller"], reset_after=False, init="d2l")
     assert (saved["hidden"], saved["batch_size"], saved["num_steps"], saved["epochs"]) == (8, 4, 8, 1)
     assert "'time traveller" in capsys.readouterr().out
 

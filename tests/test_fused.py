@@ -4,21 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grulab import fused, reference
+from grulab import fused, kernels, native, reference
 
-TIERS = ["torch", "native"]
-
-
-@pytest.fixture(scope="session")
-def native_ok() -> bool:
-    """Build the native tier once per test session (it is cached on disk)."""
-    return fused.native_available()
+# Every fused kernel; each test runs on all of them that this machine can run.
+TIERS = [k.name for k in kernels.KERNELS if k.impl == "fused"]
 
 
 @pytest.fixture(params=TIERS)
-def tier(request, native_ok) -> str:
-    if request.param == "native" and not native_ok:
-        pytest.skip(f"native GRU tier unavailable: {fused._native_error}")
+def tier(request) -> str:
+    why = kernels.BY_NAME[request.param].why_not(kernels.Query())
+    if why is not None:
+        pytest.skip(f"{request.param}: {why}")
     return request.param
 
 
@@ -228,13 +224,18 @@ def test_unknown_backend_rejected():
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch):
-    def broken_build():
+    def broken_build(reason):
         raise OSError("no C++ compiler")
 
-    monkeypatch.setattr(fused, "_native_module", None)
-    monkeypatch.setattr(fused, "_native_error", None)
-    monkeypatch.setattr(fused, "_build_native", broken_build)
-    monkeypatch.delenv("GRULAB_FUSED_BACKEND", raising=False)
+    def not_installed():
+        raise ModuleNotFoundError("No module named 'grulab._native'")
+
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setattr(native, "_import_installed", not_installed)
+    monkeypatch.setattr(native, "_jit_build", broken_build)
+    monkeypatch.setattr(kernels, "_cache", {})
+    monkeypatch.delenv(kernels.ENV, raising=False)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         assert fused.backend() == "torch"
     assert fused.backend() == "torch"  # the failure is remembered: no second build, no second warning
@@ -242,28 +243,36 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
     params = [p.detach() for p in make_params(4, 5, True, torch.float64)]
     out, _ = fused.gru_layer(x, h, *params)
     torch.testing.assert_close(out, reference.gru_layer(x, h, *params)[0])
+    with pytest.raises(RuntimeError, match="native GRU tier unavailable"):
+        fused.gru_layer(x, h, *params, backend="native")
 
 
-def test_forced_native_raises_when_unavailable(monkeypatch):
-    monkeypatch.setattr(fused, "_native_module", None)
-    monkeypatch.setattr(fused, "_native_error", None)
-    monkeypatch.setattr(fused, "_build_native", lambda: (_ for _ in ()).throw(OSError("nope")))
-    monkeypatch.setenv("GRULAB_FUSED_BACKEND", "native")
-    with pytest.raises(RuntimeError, match="GRULAB_FUSED_BACKEND=native"):
-        fused.native_available()
+def test_forced_kernel_the_cpu_cannot_run_raises(monkeypatch):
+    monkeypatch.setattr(kernels, "_cache", {})
+    monkeypatch.setenv(kernels.ENV, "native-avx2")
+    x = torch.randn(3, 2, 4, dtype=torch.float16)  # no native kernel takes float16
+    with pytest.raises(RuntimeError, match="GRULAB_KERNEL=native-avx2 cannot run here: float32 and float64 only"):
+        kernels.select_name("fused", "cpu", x.dtype, True)
+    monkeypatch.setenv(kernels.ENV, "warp-drive")
+    with pytest.raises(ValueError, match="expected one of native-avx512"):
+        kernels.select_name("fused", "cpu", torch.float32, True)
 
 
-def test_env_forces_torch_and_import_does_not_compile():
+@pytest.mark.parametrize("name", TIERS)
+def test_env_forces_each_kernel_and_import_does_not_compile(name):
     import subprocess
     import sys
 
-    code = ("import os; os.environ['GRULAB_FUSED_BACKEND'] = 'torch'\n"
-            "import grulab, grulab.fused as f\n"
-            "assert f._native_module is None and f._native_error is None, 'compiled at import'\n"
-            "print(f.backend())")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "torch"
+    code = ("import grulab, grulab.native as n, grulab.kernels as k\n"
+            "assert n._module is None and n._error is None, 'compiled at import'\n"
+            "print(k.select('fused').name)")
+    env = dict(__import__("os").environ, GRULAB_KERNEL=name)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    if kernels.BY_NAME[name].why_not(kernels.Query()) is None:
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == name
+    else:
+        assert res.returncode != 0 and "cannot run here" in res.stderr
 
 
 def test_scratch_reuse_across_calls_and_shapes(tier):

@@ -298,8 +298,31 @@ def test_cell_errors_match_torch(x, hx, exc, words):
 def test_repr_and_compat_helpers():
     gru = grulab.GRU(3, 4, num_layers=2, reset_after=False, impl="reference")
     assert "num_layers=2" in repr(gru) and "reset_after=False" in repr(gru)
-    gru.flatten_parameters()
     assert len(gru.all_weights) == 2 and len(gru.all_weights[0]) == 4
+
+
+def test_flatten_parameters_lets_torch_code_run_unchanged():
+    """What flatten_parameters promises: code written for torch.nn.GRU that calls it (as after
+    DataParallel or .to()) runs unchanged and computes what torch does; it changes no parameter."""
+
+    def torch_style_forward(rnn, x):  # the pattern of torch code: flatten, then run
+        rnn.flatten_parameters()
+        return rnn(x)
+
+    torch.manual_seed(0)
+    reference_gru = torch.nn.GRU(3, 4, num_layers=2)
+    gru = grulab.GRU(3, 4, num_layers=2)
+    gru.load_state_dict(reference_gru.state_dict())
+    params = [(name, p, p.detach().clone()) for name, p in gru.named_parameters()]
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        out, h = torch_style_forward(gru, x)
+        want_out, want_h = torch_style_forward(reference_gru, x)
+    assert_close(out, want_out, rtol=1e-5, atol=1e-6)
+    assert_close(h, want_h, rtol=1e-5, atol=1e-6)
+    assert gru.flatten_parameters() is None
+    for (name, before, value), (name2, after) in zip(params, gru.named_parameters()):
+        assert name == name2 and after is before and torch.equal(after, value)  # the same tensors, untouched
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused", "torch"])

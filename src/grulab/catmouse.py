@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import reference
 from .gru import GRU
-from .reference import gru_step
+from .plots import catmouse_figure
 
 #: Token names: id 0 is the filler, ids 1..K the keys.
 ANIMALS = ("cat", "mouse", "dog", "bird", "fish", "frog")
@@ -172,17 +173,10 @@ def accuracy(model: Classifier, x: Tensor, y: Tensor) -> float:
 def update_gates(gru: GRU, x: Tensor) -> Tensor:
     """The update gate of a one-layer GRU over token ids x (B, T): z (B, T, H).
 
-    Computed step by step with the notes' equations (:func:`grulab.reference.gru_step`).
+    Computed step by step with the notes' equations (:func:`grulab.reference.trace`).
     """
-    w_ih, w_hh, b_ih, b_hh = gru.all_weights[0]
-    inputs = F.one_hot(x.t(), gru.input_size).to(w_ih.dtype)  # (T, B, V)
-    h = inputs.new_zeros(x.shape[0], gru.hidden_size)  # (B, H)
-    zs = []
-    for x_t in inputs:  # x_t (B, V)
-        step = gru_step(x_t, h, w_ih, w_hh, b_ih, b_hh, gru.reset_after)
-        h = step.h  # (B, H)
-        zs.append(step.z)
-    return torch.stack(zs, dim=1)  # (B, T, H)
+    inputs = F.one_hot(x.t(), gru.input_size).to(gru.weight_ih_l0.dtype)  # (T, B, V)
+    return reference.trace(gru, inputs)[0].z.transpose(0, 1)  # (B, T, H)
 
 
 def gate_summary(gru: GRU, x: Tensor, key_pos: Tensor) -> dict:
@@ -293,7 +287,7 @@ def run(
         "seconds": 0.0,
     }
     if out_dir is not None:
-        result["plot"] = str(plot(result, Path(out_dir) / "catmouse.png"))
+        result["plot"] = str(catmouse_figure(result, Path(out_dir) / "catmouse.png"))
     result["seconds"] = time.perf_counter() - start
     if not quiet:
         print_report(result, console)
@@ -325,53 +319,3 @@ def print_report(result: dict, console=None) -> None:
     if result.get("plot"):
         console.print(f"plot: {result['plot']}")
     console.print(f"[dim]{result['seconds']:.1f} s[/dim]")
-
-
-def plot(result: dict, out_path: Union[str, Path]) -> Path:
-    """Two panels: the GRU's update gate along one sequence, and accuracy vs distance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    gate = result["gate"]
-    ex = gate["example"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.7, 1]})
-
-    steps = range(len(ex["z"]))
-    for zu in ex["z_units"]:
-        ax1.plot(steps, zu, color="#9db4d0", lw=0.6, alpha=0.6)
-    ax1.plot(steps, ex["z"], color="#1f4e8c", lw=2.2, label="mean z over units")
-    k = ex["key_pos"]
-    ax1.axvline(k, color="#d1495b", lw=1.5, ls="--")
-    ax1.annotate(
-        f"{ex['tokens'][k]}\n(z drops: rewrite)", xy=(k, ex["z"][k]), xytext=(k + 4, 0.12),
-        color="#d1495b", arrowprops={"arrowstyle": "->", "color": "#d1495b"},
-    )
-    ax1.text(len(ex["z"]) * 0.55, 0.96, "cat cat cat …  (z ≈ 1: keep)", color="#1f4e8c", va="top", ha="center")
-    ax1.set_ylim(-0.02, 1.02)
-    ax1.set_xlabel("time step")
-    ax1.set_ylabel("update gate z")
-    ax1.set_title(f"GRU update gate along one sequence (distance {gate['distance']}); thin: units")
-    ax1.legend(loc="lower right", frameon=False)
-
-    d = result["distances"]
-    ax2.plot(d, result["accuracy"]["gru"], "o-", color="#1f4e8c", lw=2, label="GRU")
-    ax2.plot(d, result["accuracy"]["rnn"], "s-", color="#e07a1f", lw=2, label="tanh RNN")
-    ax2.axhline(result["chance"], color="grey", ls=":", label="chance")
-    ax2.set_xscale("log")
-    ax2.set_xticks(d, [str(v) for v in d])
-    ax2.minorticks_off()
-    ax2.set_ylim(0, 1.05)
-    ax2.set_xlabel("distance from key to answer (steps)")
-    ax2.set_ylabel("test accuracy")
-    ax2.set_title("remembering the mouse")
-    ax2.legend(frameon=False)
-    for ax in (ax1, ax2):
-        ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path

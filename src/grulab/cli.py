@@ -1,24 +1,27 @@
 """The ``grulab`` command: train, generate, eval, compare, viz, demo.
 
 Training flags come from :class:`grulab.train.TrainConfig`: one dashed flag
-per field, its default and help text taken from the dataclass, so the two
-never drift apart. Bad input ends in one line on stderr and a non-zero exit
-(2 for usage, 1 otherwise), never a traceback.
+per field, with its help text, choices and default read from the field
+(:func:`grulab.config.option`), so the two never drift apart. Library errors
+name parameters ("hidden must be ..."); the CLI tells them as flags. Bad input
+ends in one line on stderr and a non-zero exit (2 for usage, 1 otherwise),
+never a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
-import re
+import shlex
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import GrulabError, UsageError
+from .config import flag
+from .errors import ConfigError, GrulabError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,42 +31,38 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _field_help(cls) -> dict[str, str]:
-    """The ``# comment`` after each field of a config dataclass, as its help text."""
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2).strip()
-    return helps
+def _add_config_flags(parser: argparse.ArgumentParser, defaults: dict, skip: Sequence[str] = ()) -> None:
+    """One flag per TrainConfig field, its help, choices and shown default read from the field.
 
+    ``defaults`` are the command's own defaults for some fields (compare's shorter runs); the
+    command builds its config from the same dict (see :func:`config_from_args`). Flags not given
+    stay out of the namespace (SUPPRESS), so a preset's values are overridden only by what the
+    user typed.
+    """
+    from .model import ModelArgs
+    from .train import TrainConfig
 
-_FLAG_NAMES = {"prefixes": "--prefix"}  # fields whose flag is not just the dashed field name
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, cls, skip: Sequence[str] = ()) -> None:
-    """One flag per dataclass field. Flags not given stay out of the namespace
-    (SUPPRESS), so a preset's values are overridden only by what the user typed."""
-    helps = _field_help(cls)
-    defaults = cls()
-    for f in fields(cls):
+    shown = replace(TrainConfig(), **defaults)
+    model_fields = {f.name for f in fields(ModelArgs)}
+    groups = {True: parser.add_argument_group("model"), False: parser.add_argument_group("training")}
+    for f in fields(TrainConfig):
         if f.name in skip:
             continue
-        default = getattr(defaults, f.name)
-        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        meta, default = f.metadata, getattr(shown, f.name)
+        group = groups[f.name in model_fields]
         common = dict(dest=f.name, default=argparse.SUPPRESS)
-        help_text = helps.get(f.name, "")
-        if isinstance(default, bool):
-            if default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), action="store_false",
-                                    help=f"turn off: {help_text}", **common)
-            else:
-                parser.add_argument(flag, action="store_true", help=help_text, **common)
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", metavar="TEXT", help=help_text, **common)
+        text = meta["help"].replace("%", "%%")
+        if isinstance(default, bool):  # a switch away from the default
+            group.add_argument(flag(f), action="store_false" if default else "store_true",
+                               help=(meta["flag_help"] if default else text).replace("%", "%%"), **common)
+            continue
+        text += f" (default: {meta['default_help'] or default})"
+        if isinstance(default, list):
+            group.add_argument(flag(f), nargs="+", metavar="TEXT", help=text, **common)
+        elif meta["choices"] is not None:
+            group.add_argument(flag(f), choices=list(meta["choices"]), help=text, **common)
         else:
-            parser.add_argument(flag, type=type(default), metavar=f.name.upper().split("_")[-1],
-                                help=f"{help_text} (default: {default})", **common)
+            group.add_argument(flag(f), type=type(default), metavar=f.name.upper().split("_")[-1], help=text, **common)
 
 
 def _given(args: argparse.Namespace, cls) -> dict:
@@ -71,49 +70,57 @@ def _given(args: argparse.Namespace, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
+@contextmanager
+def _flag_errors():
+    """An error that names a config parameter ("hidden must be ..."), told as the flag ("--hidden must be ...")."""
+    from .train import TrainConfig
+
+    try:
+        yield
+    except ConfigError as e:
+        flags = {f.name: flag(f) for f in fields(TrainConfig)}
+        name = flags.get(e.name, "--" + e.name.replace("_", "-"))
+        raise UsageError(f"{name} must be {e.want}, got {e.value!r}") from None
+
+
+def config_from_args(args: argparse.Namespace):
+    """The TrainConfig a ``train`` or ``compare`` command line asks for: the command's defaults,
+    then ``--preset``, then the flags given."""
+    from .train import TrainConfig, with_preset
+
+    with _flag_errors():
+        config = with_preset(replace(TrainConfig(), **args.config_defaults), getattr(args, "preset", None))
+        return replace(config, **_given(args, TrainConfig))
+
+
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import rundir, validate
-    from .train import TrainConfig, resume_config, train, with_preset
+    from .train import TrainConfig, resume_config, train
 
-    given = _given(args, TrainConfig)
-    validate.check_flags(given, validate.TRAIN_FIELDS)  # issue 11: ranges before anything is built
-    if given.pop("resume", False):
+    if getattr(args, "resume", False):
         if args.preset:
             raise UsageError("--preset cannot change on --resume: the run keeps its settings")
-        config = resume_config(given.pop("out", TrainConfig().out), **given)
+        given = _given(args, TrainConfig)
+        del given["resume"]
+        with _flag_errors():
+            config = resume_config(given.pop("out", TrainConfig().out), **given)
     else:
-        config = replace(with_preset(TrainConfig(), args.preset), **given)
-    with rundir.claim(Path(config.out), resume=config.resume, overwrite=args.overwrite):  # issue 11
-        last = train(config)
+        config = config_from_args(args)
+    last = train(config)
     if last:
-        print(f"done: val perplexity {last['val_ppl']:.3f}, train perplexity {last['train_ppl']:.3f}, "
-              f"checkpoint in {Path(config.out) / 'checkpoint'}")
+        val = f"val perplexity {last['val_ppl']:.3f}, " if last["val_ppl"] is not None else ""
+        print(f"done: {val}train perplexity {last['train_ppl']:.3f}, checkpoint in {Path(config.out) / 'checkpoint'}")
     return 0
-
-
-def _check_number(flag: str, value, low=None, inclusive=True, high=None):
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"{flag} must be a finite number, got {value}")
-    if low is not None and (value < low or (not inclusive and value == low)):
-        raise UsageError(f"{flag} must be {'>=' if inclusive else '>'} {low}, got {value}")
-    if high is not None and value > high:
-        raise UsageError(f"{flag} must be <= {high}, got {value}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint, validate
-    from .generate import generate
+    from . import checkpoint
+    from .generate import check_sampling, generate
 
-    _check_number("--length", args.length, 0)
-    _check_number("--temperature", args.temperature, 0)
-    _check_number("--top-k", args.top_k, 1)
-    _check_number("--top-p", args.top_p, 0, inclusive=False, high=1)
-    validate.check_flag("seed", args.seed, validate.SEED)  # issue 11
+    with _flag_errors():
+        check_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = checkpoint.load(Path(args.dir))
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prefix = args.prefix if args.prefix is not None else "\n"
@@ -129,25 +136,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint, validate
-    from .data import d2l_preprocess, load_corpus, tokenize
+    from . import checkpoint
+    from .data import d2l_preprocess, encode_warning, load_corpus, tokenize
     from .train import evaluate
+    from .validate import finite_perplexity
 
     ckpt = checkpoint.load(Path(args.dir))
     text = load_corpus(args.textfile)
     if ckpt.train.get("d2l_text"):
         text = d2l_preprocess(text)
     tokens = tokenize(text, ckpt.vocab.level)
-    unknown = ckpt.vocab.unknown_tokens(tokens)
-    if unknown:
-        warnings.warn(f"{len(unknown)} distinct tokens of {args.textfile} are not in the model's vocabulary "
-                      f"and count as <unk>: {', '.join(map(repr, unknown[:8]))}{' …' if len(unknown) > 8 else ''}")
+    ids = torch.tensor(encode_warning(ckpt.vocab, tokens, args.textfile), dtype=torch.long)
     if len(tokens) < 2:
         raise GrulabError(f"{args.textfile} has {len(tokens)} token(s); evaluation needs at least 2")
-    ids = torch.tensor(ckpt.vocab.encode(tokens), dtype=torch.long)
     nll, n = evaluate(ckpt.model, ids, 32, int(ckpt.train.get("num_steps", 64)))
-    ppl = validate.finite_perplexity(nll, args.textfile)  # issue 11: a NaN perplexity exits 1
-    result = {"perplexity": ppl, "bits_per_token": nll / math.log(2), "tokens": n}
+    result = {"perplexity": finite_perplexity(nll, args.textfile), "bits_per_token": nll / math.log(2), "tokens": n}
     if args.json:
         print(json.dumps(result))
     else:
@@ -169,26 +172,41 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import compare
-    from .train import TrainConfig
 
-    compare.run(args.cells, _given(args, TrainConfig), args.sweep, Path(args.out), args.target_ppl)
+    base = config_from_args(args)
+    with _flag_errors():
+        runs = compare.configs(base, args.cells, args.sweep)
+    compare.run(runs, Path(base.out), args.target_ppl, overwrite=base.overwrite)
     return 0
 
 
+DEMO_MARK = ".grulab-demo"  # in a directory the austen demo trained in: the next demo may replace it
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import rundir
+
+    out = Path(args.out)
     if args.name == "cat-mouse":
         from . import catmouse
 
-        catmouse.run(out_dir=Path(args.out))
+        with rundir.claim(out, run_files=()):  # one process at a time; it rewrites its own catmouse.png
+            catmouse.run(out_dir=out)
         return 0
     from .generate import generate
     from .train import TrainConfig, train
     from . import checkpoint
 
-    out = Path(args.out)
+    held = [name for name in rundir.TRAIN_FILES if (out / name).exists()]
+    if held and not (out / DEMO_MARK).exists():
+        raise GrulabError(f"--out {out} holds a run that is not a demo's ({', '.join(held)}); the demo replaces only "
+                          "its own earlier demo: give another --out")
     print(f"grulab demo: training a character-level GRU on Jane Austen for {args.minutes:g} minutes (Ctrl-C stops early)")
-    train(TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out),
-                      prefixes=["Elizabeth ", "It is a truth "]))
+    config = TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out), overwrite=True,
+                         prefixes=["Elizabeth ", "It is a truth "])
+    rundir.make_dir(out)
+    (out / DEMO_MARK).touch()
+    train(config)
     ckpt = checkpoint.load(out)
     print("\nsample (temperature 0.7):\n")
     import torch
@@ -202,9 +220,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import kernels
+
+    query = kernels.Query(args.device, getattr(torch, args.dtype), not args.reset_before)
+    print(kernels.report(query))
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
+def _preset_help() -> str:
+    """Each preset with the flags it stands for, read from PRESETS."""
     from .train import PRESETS, TrainConfig
+
+    defaults, by_name = TrainConfig(), {f.name: f for f in fields(TrainConfig)}
+    described = []
+    for name, preset in PRESETS.items():
+        words = []
+        for key, value in preset.values.items():
+            f = by_name[key]
+            if isinstance(value, bool):
+                words += [flag(f)] if value != getattr(defaults, key) else []
+            elif isinstance(value, list):
+                words += [flag(f), *map(shlex.quote, value)]
+            else:
+                words += [flag(f), str(value)]
+        described.append(f"{name} = {preset.help}: {' '.join(words)}")
+    return ("start from a named setting; the flags given win. " + "; ".join(described).replace("%", "%%")
+            + " (default: none, the defaults below)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import compare
+    from .model import CELLS
+    from .train import PRESETS
 
     parser = _Parser(prog="grulab", description="Gated recurrent units: train, sample, evaluate, compare, look inside.")
     parser.add_argument("--version", action="version", version=f"grulab {__import__('grulab').__version__}")
@@ -213,20 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a language model on a text",
                        description="Train a character- or word-level language model. Flags override --preset.")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named setting: d2l = the notes' "
-                   "one-hot GRU(256), SGD lr 1, clip 1, batch 32×35, random sampling, 500 epochs")
-    _add_config_flags(p, TrainConfig)
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (issue 11)")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
+    _add_config_flags(p, {})
+    p.set_defaults(func=cmd_train, config_defaults={})
 
     p = sub.add_parser("generate", help="continue a prefix with a trained model")
     p.add_argument("dir", help="run directory (the --out of grulab train)")
     p.add_argument("--prefix", help="text to continue (default: a newline)")
-    p.add_argument("--length", type=int, default=200, help="tokens to generate (default: 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy, the notes' predict (default: 0.8)")
-    p.add_argument("--top-k", type=int, help="sample only from the K most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens whose probability reaches P")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--length", type=int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 = greedy, the notes' predict (default: %(default)s)")
+    p.add_argument("--top-k", type=int, help="sample only from the K most likely tokens (default: all tokens)")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens whose probability reaches P "
+                   "(default: all tokens)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling (default: unseeded)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity and bits per token of a text")
@@ -235,26 +286,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: perplexity, bits_per_token, tokens")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="train RNN, GRU and LSTM under equal conditions, or sweep a hyperparameter")
-    p.add_argument("--cells", default="rnn,gru,lstm", help="comma-separated cells to compare (default: rnn,gru,lstm)")
-    p.add_argument("--sweep", help="vary one setting instead, e.g. hidden=64,128,256 (also lr, num-steps, layers, embed, batch-size)")
-    p.add_argument("--target-ppl", type=float, help="report the time each run needs to reach this validation perplexity")
-    _add_config_flags(p, TrainConfig, skip=("cell", "resume"))
-    p.set_defaults(func=cmd_compare, out="runs/compare", max_minutes=1.0)
+    p = sub.add_parser("compare", help="train the cells under equal conditions, or sweep a hyperparameter")
+    p.add_argument("--cells", default=",".join(CELLS), help="comma-separated cells to compare (default: %(default)s)")
+    p.add_argument("--sweep", help="vary one setting instead of the cell, NAME=V1,V2,..., e.g. hidden=64,128,256 or "
+                   f"reset_after=true,false (PyTorch's GRU against the notes'); NAME is one of: "
+                   f"{', '.join(compare.SWEEPABLE)} (default: compare the cells)")
+    p.add_argument("--target-ppl", type=float, help="report the time each run needs to reach this validation "
+                   "perplexity (default: the worst final validation perplexity, which every run reaches)")
+    _add_config_flags(p, compare.DEFAULTS, skip=("cell", "resume"))
+    p.set_defaults(func=cmd_compare, config_defaults=compare.DEFAULTS)
 
     p = sub.add_parser("viz", help="colour a text by the GRU's gates (HTML page or PNG heatmap)")
     p.add_argument("dir", help="run directory of a GRU model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="the text to run the model over")
-    src.add_argument("--file", help="a UTF-8 text file to run the model over")
-    p.add_argument("--out", default="gates.html", help="gates.html (interactive page) or gates.png (heatmap)")
+    src.add_argument("--text", help="the text to run the model over; a long text is cut to its start, with a "
+                     "warning: the page shows at most 10,000 tokens and stays under 20 MB (about 5,900 tokens for a 1×384 GRU)")
+    src.add_argument("--file", help="a UTF-8 text file to run the model over (cut as --text is)")
+    p.add_argument("--out", default="gates.html",
+                   help="an .html file (interactive page) or a .png file (heatmap) (default: %(default)s)")
     p.set_defaults(func=cmd_viz)
 
     p = sub.add_parser("demo", help="the main job on bundled data: austen (train ~2 min, then generate) or cat-mouse")
-    p.add_argument("name", nargs="?", default="austen", choices=["austen", "cat-mouse"], help="which demo (default: austen)")
-    p.add_argument("--minutes", type=float, default=2.0, help="training budget for the austen demo (default: 2)")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("name", nargs="?", default="austen", choices=["austen", "cat-mouse"],
+                   help="which demo (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=2.0, help="training budget for the austen demo (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="output directory; a second demo replaces the first one's "
+                   "files there, and a directory holding another run is refused (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="tensor dtype (default: float32)")
+    p.add_argument("--device", default="cpu", help="device type (default: cpu)")
+    p.add_argument("--reset-before", action="store_true", help="ask for the notes' reset-before cell (default: reset-after)")
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 
@@ -266,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GrulabError as e:
         print(f"grulab: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP via grulab.signals.Stopped (issue 11)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.signals.Stopped
         code = getattr(e, "exit_code", 130)
         print("grulab: interrupted" if code == 130 else f"grulab: stopped by {e}", file=sys.stderr)
         return code

@@ -1,29 +1,40 @@
 """RNN, GRU and LSTM under equal conditions, and hyperparameter sweeps: the notes' exercises.
 
 Every run gets the same data, seed and budget; only the cell (or the swept
-setting) differs. The results go to the terminal (a rich table), to
+setting, any field of :class:`grulab.train.TrainConfig` in :data:`SWEEPABLE`)
+differs. The results go to the terminal (a rich table), to
 ``results.md`` and ``results.csv``, and to ``perplexity.png`` (validation
 perplexity against epoch and against wall time, all runs on one figure).
 
     grulab compare --cells rnn,gru,lstm --corpus austen --max-minutes 1 --out runs/cmp
     grulab compare --sweep hidden=64,128,256 --max-minutes 1 --out runs/sweep
+    grulab compare --sweep reset_after=true,false --max-minutes 1 --out runs/forms   # PyTorch's GRU vs the notes'
 """
 from __future__ import annotations
 
 import csv
 import math
 import statistics
+import typing
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .errors import UsageError
 from .generate import predict
-from .model import count_parameters
-from .train import TrainConfig, perplexity_axis, pyplot, read_metrics, train
+from .model import CELLS, count_parameters
+from .plots import compare_curves
+from .train import TrainConfig, read_metrics, train
 
-SWEEPABLE = ("hidden", "lr", "num_steps", "layers", "embed", "batch_size", "dropout")
+#: compare's own defaults for training fields: shorter runs, their own directory.
+DEFAULTS = dict(out="runs/compare", max_minutes=1.0)
+#: What a comparison writes into its directory, besides a directory per run.
+FILES = ("results.md", "results.csv", "perplexity.png")
+#: The settings --sweep can vary: every training field but where and how a run reports.
+SWEEPABLE = tuple(f.name for f in fields(TrainConfig)
+                  if f.name not in ("out", "resume", "overwrite", "progress", "prefixes", "predict_length", "eval_every",
+                                     "checkpoint_every_minutes"))
 
 
 def parse_sweep(spec: str) -> tuple[str, list]:
@@ -34,12 +45,23 @@ def parse_sweep(spec: str) -> tuple[str, list]:
         raise UsageError(f"--sweep {spec!r}: expected NAME=V1,V2,... e.g. hidden=64,128,256")
     if name not in SWEEPABLE:
         raise UsageError(f"--sweep {spec!r}: cannot sweep {name!r}; choose one of {', '.join(SWEEPABLE)}")
-    kind = type(getattr(TrainConfig(), name))
+    kind = typing.get_type_hints(TrainConfig)[name]
+    words = [v.strip() for v in values.split(",") if v.strip()]
     try:
-        parsed = [kind(v.strip()) for v in values.split(",") if v.strip()]
+        parsed = [_parse(kind, w) for w in words]
     except ValueError:
-        raise UsageError(f"--sweep {spec!r}: {name} takes {kind.__name__} values") from None
+        raise UsageError(f"--sweep {spec!r}: {name} takes {'true/false' if kind is bool else kind.__name__} "
+                         "values") from None
     return name, parsed
+
+
+def _parse(kind: type, word: str):
+    """One swept value as the field's type; ValueError if it is not one."""
+    if kind is bool:
+        if word.lower() not in ("true", "false"):
+            raise ValueError(word)
+        return word.lower() == "true"
+    return kind(word)
 
 
 def time_to_reach(rows: list[dict], target: float) -> Optional[float]:
@@ -50,24 +72,44 @@ def time_to_reach(rows: list[dict], target: float) -> Optional[float]:
     return None
 
 
-def run(cells: str, overrides: dict, sweep: Optional[str], out: Path, target_ppl: Optional[float] = None) -> list[dict]:
-    """Train each variant and write the comparison; return one result row per run."""
-    base = TrainConfig(**{k: v for k, v in overrides.items() if k in {f.name for f in fields(TrainConfig)}})
+def configs(base: TrainConfig, cells: str, sweep: Optional[str]) -> list[tuple[str, TrainConfig]]:
+    """(label, config) of each run: ``base`` with one swept value, else with one cell, each in its own
+    directory under ``base.out``. Every config is checked here, before the first run starts."""
     if sweep:
         name, values = parse_sweep(sweep)
-        variants = [(f"{name}={v}", {name: v}) for v in values]
+        changes = [(f"{name}={v}", {name: v}) for v in values]
     else:
         names = [c.strip() for c in cells.split(",") if c.strip()]
-        bad = [c for c in names if c not in ("rnn", "gru", "lstm")]
+        bad = [c for c in names if c not in CELLS]
         if bad or not names:
             raise UsageError(f"--cells {cells!r}: unknown cell {', '.join(bad) or '(none)'}; use a comma-separated "
-                             "subset of rnn,gru,lstm")
-        variants = [(c, {"cell": c}) for c in names]
-    out.mkdir(parents=True, exist_ok=True)
+                             f"subset of {','.join(CELLS)}")
+        changes = [(c, {"cell": c}) for c in names]
+    out = Path(base.out)
+    if base.val_fraction == 0:
+        raise UsageError("--val-fraction 0: compare ranks the runs by validation perplexity; give a fraction > 0")
+    # the comparison's directory is claimed (and any --overwrite done) by run(); each run's is new
+    return [(label, replace(base, out=str(out / label.replace("=", "-")), resume=False, overwrite=False, **change))
+            for label, change in changes]
 
+
+def run(runs: list[tuple[str, TrainConfig]], out: Path, target_ppl: Optional[float] = None,
+        overwrite: bool = False) -> list[dict]:
+    """Train each of ``runs`` (see :func:`configs`) and write the comparison to ``out``; return one
+    result row per run.
+
+    ``out`` is this process's while it runs (:func:`grulab.rundir.claim`); one that holds an earlier
+    comparison is refused, or with ``overwrite`` emptied of it (its tables, plot and run directories).
+    """
+    earlier = [p.name for p in out.iterdir() if p.is_dir() and any((p / f).exists() for f in rundir.TRAIN_FILES)] \
+        if out.is_dir() else []
+    with rundir.claim(out, overwrite=overwrite, run_files=FILES + tuple(earlier), what="a comparison"):
+        return _run(runs, out, target_ppl)
+
+
+def _run(runs: list[tuple[str, TrainConfig]], out: Path, target_ppl: Optional[float]) -> list[dict]:
     results = []
-    for label, change in variants:
-        config = replace(base, out=str(out / label.replace("=", "-")), resume=False, **change)
+    for label, config in runs:
         print(f"\n=== {label} ===", flush=True)
         last = train(config)
         ckpt = checkpoint.load(Path(config.out))
@@ -86,7 +128,7 @@ def run(cells: str, overrides: dict, sweep: Optional[str], out: Path, target_ppl
     for r in results:
         r["time_to_target"] = time_to_reach(r["rows"], target_ppl)
     write_tables(results, out, target_ppl)
-    plot(results, out / "perplexity.png")
+    compare_curves(results, out / "perplexity.png")
     print_table(results, target_ppl)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'perplexity.png'}")
     return results
@@ -137,19 +179,3 @@ def print_table(results: list[dict], target: float) -> None:
     console = Console()
     console.width = max(console.width, 120)  # all columns, even in a narrow or piped terminal
     console.print(table)
-
-
-def plot(results: list[dict], path: Path) -> Path:
-    plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results:
-        rows = r["rows"]
-        a.plot([x["epoch"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
-        b.plot([x["elapsed"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
-    perplexity_axis(a, "epoch", "validation perplexity")
-    perplexity_axis(b, "wall time (s)", "validation perplexity")
-    fig.suptitle("validation perplexity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -32,6 +32,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
@@ -45,6 +46,7 @@ from grulab.errors import GrulabError
 __all__ = [
     "CORPORA",
     "LEVELS",
+    "SAMPLERS",
     "SAMPLINGS",
     "TIMEMACHINE_URL",
     "TIMEMACHINE_SHA1",
@@ -55,6 +57,7 @@ __all__ = [
     "d2l_preprocess",
     "default_cache_dir",
     "download_timemachine",
+    "encode_warning",
     "load_corpus",
     "min_tokens",
     "num_batches",
@@ -466,13 +469,23 @@ class Vocab:
         return cls.from_dict(d, source=str(p))
 
 
+def encode_warning(vocab: "Vocab", tokens: list[str], what: str) -> list[int]:
+    """``vocab.encode(tokens)``, with one warning naming the tokens the vocabulary lacks.
+
+    Those tokens are read as <unk>; ``what`` names the text in the warning
+    ("the prefix", a file name). Needs only ``vocab.encode`` and ``vocab.unk``.
+    """
+    ids = vocab.encode(tokens)
+    missing = list(dict.fromkeys(t for t, i in zip(tokens, ids) if i == vocab.unk and t != UNK))
+    if missing:
+        shown = ", ".join(map(repr, missing[:10])) + (" …" if len(missing) > 10 else "")
+        warnings.warn(f"{what} has tokens the model never saw, read as <unk>: {shown}", stacklevel=3)
+    return ids
+
+
 # ---------------------------------------------------------------------------
 # Minibatches
 # ---------------------------------------------------------------------------
-
-#: Sampling schemes understood by :func:`num_batches`.
-SAMPLINGS = ("random", "sequential")
-
 
 def _check_shape(batch_size: int, num_steps: int) -> None:
     for flag, value in (("--batch-size", batch_size), ("--num-steps", num_steps)):
@@ -598,6 +611,11 @@ def sequential_batches(
         yield xs[:, cols], ys[:, cols]
 
 
+#: The sampling schemes and their samplers: ``SAMPLERS[sampling](ids, batch_size, num_steps, generator)``.
+SAMPLERS = {"random": random_batches, "sequential": sequential_batches}
+SAMPLINGS = tuple(SAMPLERS)
+
+
 def split_train_val(ids, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Split token ids into (train, val): the last ``val_fraction`` of the corpus is
     held out (``floor(len * val_fraction)`` tokens; 0 gives an empty val)."""
@@ -631,12 +649,15 @@ def build_dataset(
     min_freq: int = 0,
     d2l: bool = False,
     val_fraction: float = 0.1,
+    max_tokens: int = 0,
 ) -> Dataset:
     """Load ``corpus`` (a name or path), optionally d2l-preprocess it, tokenize it,
     build the vocabulary and split the ids into train and validation.
 
     The vocabulary is built from the whole text so a split alone never makes
-    validation tokens unknown.
+    validation tokens unknown. ``max_tokens`` > 0 trains on the first that many
+    tokens only, as d2l's ``load_data_time_machine`` (10,000); the validation
+    tail stays where ``val_fraction`` puts it.
     """
     _check_level(level)
     text = load_corpus(corpus)
@@ -653,4 +674,6 @@ def build_dataset(
     vocab = Vocab(tokens, min_freq=min_freq, level=level)
     ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
     train_ids, val_ids = split_train_val(ids, val_fraction)
+    if max_tokens:
+        train_ids = train_ids[:max_tokens]
     return Dataset(vocab=vocab, train_ids=train_ids, val_ids=val_ids, name=str(corpus))

@@ -16,3 +16,15 @@ class UsageError(GrulabError):
     """A bad command-line value (exit code 2, as argparse uses)."""
 
     exit_code = 2
+
+
+class ConfigError(GrulabError):
+    """A config value that breaks its field's rule; names the parameter, not a flag.
+
+    ``str(e)`` reads "hidden must be a positive integer, got -3"; the CLI
+    turns ``name`` into the flag the user typed ("--hidden ...").
+    """
+
+    def __init__(self, name: str, want: str, value) -> None:
+        self.name, self.want, self.value = name, want, value
+        super().__init__(f"{name} must be {want}, got {value!r}")

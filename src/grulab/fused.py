@@ -54,46 +54,38 @@ Two tiers implement this, with the same autograd wrapper:
   da_n·r = d·A·r are all d times a per-step factor, computed in bulk over all
   T steps first. A backward step is then one broadcast multiply, one add and
   the GEMM (3 ops instead of ~19); a forward step is the GEMM and 4 ops.
-* ``"native"``: ``csrc/gru.cpp``, the whole time loop in C++ with the gate
-  arithmetic fused in vectorised loops, compiled on first use with
-  ``torch.utils.cpp_extension`` (float32/float64 CPU tensors only). Its
-  threads split the *hidden units*: thread k owns units [j0, j1), computes
-  their three gate columns of h W_hh^T with a single-threaded GEMM on its own
-  rows of W_hh (which stay in its core's cache) and then their gates, and meets
-  the other threads at one barrier per step. The backward splits dL/dh the same
-  way. A small-GEMM BLAS call on all cores would instead fork and join inside
-  every step, for a GEMM too small to keep two cores busy. For float32 with
-  ``reset_after=True`` on AVX2+FMA CPUs the per-step GEMMs are not BLAS calls
-  but the file's own micro-kernel on weights packed once per call, with the
-  gate arithmetic applied to the register tile (and the input projection done
-  per step by the same kernel); float64 and ``reset_after=False`` use BLAS.
-  On that path a thread that has finished its own units' panels takes the
-  remaining panels of a slower thread (atomic claims, same results bit for
-  bit), so a vCPU that runs slow for a moment does not hold up the step.
+* ``"native"``: ``csrc/``, the whole time loop in C++ with the gate
+  arithmetic fused in vectorised loops (float32/float64 CPU tensors only),
+  built when grulab is installed (:mod:`grulab.native`) and compiled once per
+  instruction set, so :mod:`grulab.kernels` can pick ``native-avx512``,
+  ``native-avx2`` or ``native-generic`` for the CPU at hand. Its threads split
+  the *hidden units*: thread k owns units [j0, j1), computes their three gate
+  columns of h W_hh^T with a single-threaded GEMM on its own rows of W_hh
+  (which stay in its core's cache) and then their gates, and meets the other
+  threads at one barrier per step. The backward splits dL/dh the same way.
+  For float32 with ``reset_after=True`` the AVX2 and AVX-512 builds replace
+  the per-step GEMMs by the file's own micro-kernel on weights packed once per
+  call, with the gate arithmetic applied to the register tile; a thread that
+  has finished its own panels takes the remaining ones of a slower thread.
 
-``GRULAB_FUSED_BACKEND=torch|native`` forces a tier (``native`` raises if the
-extension cannot be built); unset, the native tier is tried and, if it does not
-compile, one warning is issued and the torch tier is used.
+Both tiers are reached through torch operators (``torch.ops.grulab.gru_forward``,
+``gru_backward``, ``gru_step``) with fake implementations and an autograd
+formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one node
+per layer. :mod:`grulab.kernels` decides which kernel runs (``grulab kernels``
+shows it); ``GRULAB_KERNEL=<name>`` forces one.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import platform
-import sys
 import threading
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from . import kernels, native
 
 __all__ = ["gru_layer", "gru_step", "backend", "native_available", "release_scratch"]
-
-_BACKEND_ENV = "GRULAB_FUSED_BACKEND"
 
 
 # ---------------------------------------------------------------------------
@@ -127,8 +119,8 @@ def _scratch_buffer(slot: str, shape: tuple, like: Tensor) -> Tensor:
 def release_scratch() -> None:
     """Free the scratch buffers that the fused GRU keeps for the calling thread (both tiers)."""
     _scratch.__dict__.pop("bufs", None)
-    if _native_module is not None:
-        _native_module.release_scratch()
+    if native._module is not None:
+        native._module.release_scratch()
 
 
 def _bias_sum(b_ih, b_hh, lo: int, hi: int):
@@ -315,160 +307,162 @@ class _TorchTier:
 
 
 # ---------------------------------------------------------------------------
-# Tier 2: native (C++), built on first use
+# Tier 2: native (C++, csrc/), one build for every x86-64 CPU (grulab.native)
 # ---------------------------------------------------------------------------
-
-_native_module = None  # the compiled extension, once loaded
-_native_error: Optional[str] = None  # why it could not be loaded
-
-
-def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags (the build uses -march=native)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = platform.processor()
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
-
-
-def _cache_dir() -> Path:
-    """Build directory for the extension, one per torch version, Python and CPU."""
-    root = os.environ.get("GRULAB_CACHE_DIR")
-    if root:
-        base = Path(root)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = (Path(xdg) if xdg else Path.home() / ".cache") / "grulab"
-    tag = (f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-"
-           f"{platform.machine()}-{_cpu_tag()}")
-    return base / "native" / tag.replace("+", "_")
-
-
-def _build_native():
-    """Compile (or load from the cache) csrc/gru.cpp; raises on failure."""
-    from torch.utils.cpp_extension import load
-
-    src = Path(__file__).with_name("csrc") / "gru.cpp"
-    if not src.is_file():
-        raise FileNotFoundError(f"{src} is missing from the installed package")
-    build_dir = _cache_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # -march=native: the build is for this machine only (the cache is per machine).
-    # -ffast-math lets gcc vectorise exp() through glibc's libmvec.
-    # -fopenmp: the time loop's threads (the same libgomp that torch uses).
-    return load(
-        name="grulab_gru_native",
-        sources=[str(src)],
-        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
-
-
-def _native():
-    """The native extension, building it on first call; None if unavailable."""
-    global _native_module, _native_error
-    if _native_module is not None:  # fast path: generation calls this once per token
-        return _native_module
-    choice = os.environ.get(_BACKEND_ENV, "").strip().lower()
-    if _native_module is None and _native_error is None:
-        if choice == "torch":
-            _native_error = f"disabled by {_BACKEND_ENV}=torch"
-            return None
-        try:
-            _native_module = _build_native()
-        except Exception as exc:  # compiler missing, build error, ...
-            last_line = (str(exc).strip().splitlines() or [""])[-1]
-            _native_error = f"{type(exc).__name__}: {last_line}"
-            if choice != "native":
-                warnings.warn(
-                    f"grulab: C++ GRU kernel could not be built ({_native_error}); using the "
-                    f"slower pure-PyTorch tier. Fix: install g++ and ninja (pip install ninja), "
-                    f"or set {_BACKEND_ENV}=torch to silence this.", RuntimeWarning, stacklevel=3)
-    if _native_module is None and choice == "native":
-        raise RuntimeError(
-            f"grulab: {_BACKEND_ENV}=native but the C++ GRU kernel is unavailable "
-            f"({_native_error}); install g++ and ninja, or unset {_BACKEND_ENV}")
-    return _native_module
-
-
-def native_available() -> bool:
-    """True if the C++ tier is usable (compiles it on first call)."""
-    return _native() is not None
-
-
-def backend() -> str:
-    """The tier used for CPU float32/float64 tensors: ``"native"`` or ``"torch"``."""
-    return "native" if native_available() else "torch"
 
 
 class _NativeTier:
-    """Thin adapter from the autograd wrapper to the C++ extension."""
+    """Thin adapter to the C++ extension; ``isa`` picks the instruction set's loops."""
 
     @staticmethod
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool):
-        out, h_T, saved = _native_module.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save)
-        return out, h_T, (saved,)
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool, isa: str):
+        out, h_T, saved = native.load().forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, isa)
+        return out, h_T, ((saved,) if save else None)
 
     @staticmethod
     def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
-                 has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool):
-        return tuple(_native_module.backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0],
-                                             reset_after, has_b_ih, has_b_hh, need_x, need_h0))
+                 has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool, isa: str):
+        return tuple(native.load().backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0],
+                                            reset_after, has_b_ih, has_b_hh, need_x, need_h0, isa))
 
     @staticmethod
-    def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool):
-        return _native_module.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after)
+    def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):
+        return native.load().step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, isa)
 
 
-_NATIVE_DTYPES = (torch.float32, torch.float64)
+def _tier(kernel: str):
+    """(tier, extra args) for a fused kernel name from grulab.kernels."""
+    if kernel == "fused-torch":
+        return _TorchTier, ()
+    if kernel.startswith("native-"):
+        return _NativeTier, (kernel[len("native-"):],)
+    raise ValueError(f"grulab: {kernel!r} is not a fused GRU kernel")
 
 
-def _pick_tier(name: Optional[str], x: Tensor) -> type:
-    """The tier for this call. The C++ code checks the other tensors (device, dtype, shape)."""
-    if name is None:
-        if x.is_cpu and x.dtype in _NATIVE_DTYPES and _native() is not None:
-            return _NativeTier
-        return _TorchTier
-    if name == "torch":
-        return _TorchTier
-    if name == "native":
-        if _native() is None:
-            raise RuntimeError(f"grulab: native GRU tier unavailable ({_native_error})")
-        return _NativeTier
-    raise ValueError(f"grulab: unknown GRU backend {name!r} (use 'native' or 'torch')")
+def native_available() -> bool:
+    """True if the C++ tier is usable (loads it, or builds it on first use)."""
+    return native.load() is not None
+
+
+def backend() -> str:
+    """The tier used for CPU float32 tensors: ``"native"`` or ``"torch"``."""
+    return "native" if kernels.select("fused").name.startswith("native") else "torch"
+
+
+def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
+    """The fused kernel for this call: ``backend`` if given ("native" = the best native one,
+    "torch" = fused-torch, or a kernel name), else grulab.kernels' choice."""
+    if backend is None:
+        return kernels.select_name("fused", x.device.type, x.dtype, reset_after)
+    if backend == "torch":
+        return "fused-torch"
+    if backend == "native":
+        for name in ("native-avx512", "native-avx2", "native-generic"):
+            why = kernels.BY_NAME[name].why_not(kernels.Query(x.device.type, x.dtype, reset_after))
+            if why is None:
+                return name
+        raise RuntimeError(f"grulab: native GRU tier unavailable ({why})")
+    k = kernels.BY_NAME.get(backend)
+    if k is None or k.impl != "fused":
+        raise ValueError(f"grulab: unknown GRU backend {backend!r} (use 'native', 'torch' or a "
+                         f"fused kernel name: {', '.join(n for n, k in kernels.BY_NAME.items() if k.impl == 'fused')})")
+    why = k.why_not(kernels.Query(x.device.type, x.dtype, reset_after))
+    if why is not None:
+        raise RuntimeError(f"grulab: kernel {backend} cannot run here: {why}")
+    return backend
 
 
 # ---------------------------------------------------------------------------
-# Autograd wrapper (shared by both tiers)
+# Torch operators: torch.ops.grulab.gru_forward / gru_backward / gru_step.
+# A custom op with a fake (meta) implementation and an autograd formula is
+# what lets torch.compile(fullgraph=True) and torch.export see the fused layer
+# as one node instead of tracing into C++.
 # ---------------------------------------------------------------------------
 
 
-class _FusedGRUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tier, reset_after, x, h0, w_ih, w_hh, b_ih, b_hh):
-        out, h_T, saved = tier.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, *saved)  # saved: the tier's tuple of tensors
-        ctx.tier, ctx.reset_after = tier, reset_after
-        ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-        return out, h_T
+def _saved_shapes(kernel: str, T: int, B: int, H: int, save: bool) -> list[tuple]:
+    if not save:
+        return []
+    if kernel == "fused-torch":
+        return [(T, B, 3 * H), (T, B, H)]
+    return [(T, B, 4 * H)]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_hT):
-        x, h0, w_ih, w_hh, out, *saved = ctx.saved_tensors
-        if grad_out is None and grad_hT is None:
-            return (None,) * 8
-        need = ctx.needs_input_grad  # (tier, reset_after, x, h0, w_ih, w_hh, b_ih, b_hh)
-        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = ctx.tier.backward(
-            grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, ctx.reset_after,
-            ctx.has_b_ih and need[6], ctx.has_b_hh and need[7], need[2], need[3])
-        return (None, None, dx, dh0,
-                dw_ih if need[4] else None, dw_hh if need[5] else None,
-                db_ih, db_hh)
+
+@torch.library.custom_op("grulab::gru_forward", mutates_args=())
+def _op_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                b_hh: Optional[Tensor], reset_after: bool, save: bool,
+                kernel: str) -> tuple[Tensor, Tensor, list[Tensor]]:
+    tier, extra = _tier(kernel)
+    out, h_T, saved = tier.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, *extra)
+    return out, h_T, (list(saved) if save else [])
+
+
+@_op_forward.register_fake
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    return (x.new_empty(T, B, H), x.new_empty(B, H),
+            [x.new_empty(s) for s in _saved_shapes(kernel, T, B, H, save)])
+
+
+@torch.library.custom_op("grulab::gru_backward", mutates_args=())
+def _op_backward(grad_out: Optional[Tensor], grad_hT: Optional[Tensor], x: Tensor, h0: Tensor,
+                 w_ih: Tensor, w_hh: Tensor, out: Tensor, saved: list[Tensor], reset_after: bool,
+                 has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool,
+                 kernel: str) -> list[Tensor]:
+    """[dx, dh0, dw_ih, dw_hh, db_ih, db_hh]; a gradient that is not needed is an empty tensor."""
+    tier, extra = _tier(kernel)
+    grads = tier.backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, tuple(saved), reset_after,
+                          has_b_ih, has_b_hh, need_x, need_h0, *extra)
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@_op_backward.register_fake
+def _(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after, has_b_ih, has_b_hh,
+      need_x, need_h0, kernel):
+    H = h0.shape[1]
+    e = x.new_empty(0)
+    return [x.new_empty(x.shape) if need_x else e, x.new_empty(h0.shape) if need_h0 else e,
+            x.new_empty(w_ih.shape), x.new_empty(w_hh.shape),
+            x.new_empty(3 * H) if has_b_ih else e, x.new_empty(3 * H) if has_b_hh else e]
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel = inputs
+    out, _, saved = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, out, *saved)
+    ctx.reset_after, ctx.kernel = reset_after, kernel
+    ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+
+
+def _backward(ctx, grad_out, grad_hT, _grad_saved):
+    x, h0, w_ih, w_hh, out, *saved = ctx.saved_tensors
+    if grad_out is None and grad_hT is None:
+        return (None,) * 9
+    need = ctx.needs_input_grad  # (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel)
+    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = torch.ops.grulab.gru_backward(
+        grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, ctx.reset_after,
+        ctx.has_b_ih and need[4], ctx.has_b_hh and need[5], need[0], need[1], ctx.kernel)
+    return (dx if need[0] else None, dh0 if need[1] else None,
+            dw_ih if need[2] else None, dw_hh if need[3] else None,
+            db_ih if ctx.has_b_ih and need[4] else None, db_hh if ctx.has_b_hh and need[5] else None,
+            None, None, None)
+
+
+_op_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("grulab::gru_step", mutates_args=())
+def _op_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+             b_hh: Optional[Tensor], reset_after: bool, kernel: str) -> Tensor:
+    tier, extra = _tier(kernel)
+    return tier.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
+
+
+@_op_step.register_fake
+def _(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel):
+    return h.new_empty(h.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -490,8 +484,8 @@ def gru_layer(
     """One layer, one direction: x (T, B, I), h (B, H) -> (out (T, B, H), h_T (B, H)).
 
     Same contract as ``grulab.reference.gru_layer``; differentiable with respect
-    to every tensor argument. ``backend`` ("native" | "torch") overrides the
-    automatic choice (used by tests and benchmarks).
+    to every tensor argument. ``backend`` ("native" | "torch" | a fused kernel
+    name of :mod:`grulab.kernels`) overrides the automatic choice (tests, benchmarks).
     """
     if x.dim() != 3 or h.dim() != 2:
         raise ValueError(f"gru_layer: expected x (T, B, I) and h (B, H), got {tuple(x.shape)} and {tuple(h.shape)}")
@@ -499,10 +493,9 @@ def gru_layer(
         raise ValueError("gru_layer: empty sequence (T == 0)")
     args = (x.contiguous(), h.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
             None if b_ih is None else b_ih.contiguous(), None if b_hh is None else b_hh.contiguous())
-    tier = _pick_tier(backend, x)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
-        return _FusedGRUFunction.apply(tier, reset_after, *args)
-    out, h_T, _ = tier.forward(*args, reset_after, False)  # inference: save nothing
+    kernel = _kernel_for(backend, x, reset_after)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    out, h_T, _ = torch.ops.grulab.gru_forward(*args, reset_after, save, kernel)  # inference saves nothing
     return out, h_T
 
 
@@ -525,4 +518,10 @@ def gru_step(
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h, w_ih, w_hh, b_ih, b_hh)):
         return gru_layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, reset_after, backend=backend)[1]
-    return _pick_tier(backend, x).step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after)
+    kernel = _kernel_for(backend, x, reset_after)
+    if torch.compiler.is_compiling():  # compile / export: the operator, so the graph has one node
+        return torch.ops.grulab.gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
+    # Eager generation: a token's step takes tens of µs, and the dispatcher's
+    # Python round trip for a custom op about as much again; call the tier directly.
+    tier, extra = _tier(kernel)
+    return tier.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)

@@ -9,27 +9,40 @@ GRU), never a re-run of the text so far.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .data import Vocab, tokenize
-from .errors import GrulabError
+from .config import SEED
+from .data import Vocab, encode_warning, tokenize
+from .errors import ConfigError, GrulabError
 from .model import LanguageModel
 
 
 def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
     """Token ids of ``prefix``; unknown tokens become <unk>, with a warning naming them."""
     tokens = tokenize(prefix, vocab.level)
-    unknown = vocab.unknown_tokens(tokens)
-    if unknown:
-        shown = ", ".join(repr(t) for t in unknown[:10]) + (" …" if len(unknown) > 10 else "")
-        warnings.warn(f"the prefix has tokens the model never saw, read as <unk>: {shown}", stacklevel=3)
+    ids = encode_warning(vocab, tokens, "the prefix")
     if not tokens:
         raise GrulabError("the prefix is empty: give at least one token with --prefix")
-    return vocab.encode(tokens)
+    return ids
+
+
+def check_sampling(length: int = 0, temperature: float = 0.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None, seed: Optional[int] = None) -> None:
+    """ConfigError naming the first argument of :func:`generate` (or the generator's seed) that is out of range."""
+    for name, value, ok, want in [
+        ("seed", seed, seed is None or SEED.ok(seed), SEED.want),
+        ("length", length, length >= 0, "an integer >= 0"),
+        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
+        ("top_k", top_k, top_k is None or top_k >= 1, "an integer >= 1"),
+        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]"),
+    ]:
+        if not ok:
+            raise ConfigError(name, want, value)
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -64,12 +77,7 @@ def generate(model: LanguageModel, vocab: Vocab, prefix: str, length: int, tempe
     samples, optionally from the ``top_k`` most likely tokens or the smallest
     set whose probability reaches ``top_p``.
     """
-    if temperature < 0 or temperature != temperature:
-        raise GrulabError(f"--temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise GrulabError(f"--top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise GrulabError(f"--top-p must be in (0, 1], got {top_p}")
+    check_sampling(length, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     ids = torch.tensor([encode_prefix(vocab, prefix)])  # (1, P)

@@ -12,7 +12,7 @@ are added:
   - ``"reference"``: :mod:`grulab.reference`, the notes' equations line by line;
   - ``"torch"``: torch's own GRU kernels (``reset_after=True`` only);
   - ``"fused"``: :mod:`grulab.fused`, a hand-written forward and BPTT;
-  - ``"auto"``: the fastest correct one for the device (fused on CPU,
+  - ``"auto"``: the fastest correct one for the device, as :mod:`grulab.kernels` decides (fused on CPU,
     torch/cuDNN on CUDA when ``reset_after=True``).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import reference
+from . import kernels, reference
 
 IMPLS = ("auto", "reference", "torch", "fused")
 
@@ -54,23 +54,11 @@ def _check_options(reset_after, impl) -> None:
         )
 
 
-def _fused_available() -> bool:
-    try:
-        from . import fused  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_impl(impl: str, reset_after: bool, device: torch.device) -> str:
-    """The implementation ``impl="auto"`` stands for on ``device``."""
+    """The implementation ``impl="auto"`` stands for on ``device`` (decided by grulab.kernels)."""
     if impl != "auto":
         return impl
-    if device.type == "cuda" and reset_after:
-        return "torch"  # cuDNN
-    if _fused_available():
-        return "fused"
-    return "torch" if reset_after else "reference"
+    return kernels.BY_NAME[kernels.select_name("auto", device.type, torch.float32, reset_after)].impl
 
 
 def _layer_fn(impl: str) -> _LayerFn:

@@ -1,59 +1,117 @@
 """The character (or word) level language model of the notes.
 
-tokens -> one-hot or embedding -> recurrent stack (GRU, LSTM or RNN) -> linear -> logits
+tokens -> one-hot or embedding -> recurrent stack (RNN, GRU or LSTM) -> linear -> logits
 
     logits, state = model(idx)          # idx (B, T) -> logits (B, T, V)
     logits, state = model(idx, state)   # carry the state on (sequential batches)
+
+The kinds of recurrent stack are the entries of :data:`CELLS`; adding one there
+is all it takes to train, compare, save and load it (``--cell`` reads it too).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gru import GRU, resolve_impl
+from .config import COUNT, FRACTION, POSITIVE_INT, Config, option, up_to
+from .errors import ConfigError
+from .gru import GRU, IMPLS, resolve_impl
 
-CELLS = ("gru", "lstm", "rnn")
+State = Union[Tensor, tuple[Tensor, ...]]  # (L, B, H), or (h, c) for the LSTM
 
-State = Union[Tensor, tuple[Tensor, Tensor]]  # (L, B, H), or (h, c) for the LSTM
+
+@dataclass(frozen=True)
+class CellKind:
+    """One kind of recurrent stack: how to build it and the shape of its state."""
+
+    build: Callable[["ModelConfig", int, float], nn.Module]  # (config, input size, dropout between layers) -> module
+    states: int = 1  # tensors in the state, each (L, B, H): 1 = h, 2 = the LSTM's (h, c)
+
+
+def _rnn(c: "ModelConfig", input_size: int, dropout: float) -> nn.Module:
+    return nn.RNN(input_size, c.hidden, c.layers, dropout=dropout)
+
+
+def _gru(c: "ModelConfig", input_size: int, dropout: float) -> nn.Module:
+    return GRU(input_size, c.hidden, c.layers, dropout=dropout, reset_after=c.reset_after, impl=c.impl)
+
+
+def _lstm(c: "ModelConfig", input_size: int, dropout: float) -> nn.Module:
+    return nn.LSTM(input_size, c.hidden, c.layers, dropout=dropout)
+
+
+#: The recurrent stacks, by --cell name. Each module maps (T, B, I) and a state to (T, B, H) and a state.
+CELLS: dict[str, CellKind] = {
+    "rnn": CellKind(_rnn),  # torch.nn.RNN, tanh
+    "gru": CellKind(_gru),  # grulab.GRU
+    "lstm": CellKind(_lstm, states=2),  # torch.nn.LSTM
+}
+
+
+def _init_d2l(model: "LanguageModel") -> None:
+    """The notes' get_params: weights from N(0, 0.01²), zero biases, one bias per gate.
+
+    torch's recurrent layers have two biases per gate (b_ih + b_hh); the hidden-side
+    ones are held at zero (no gradient), so b_ih is the notes' b_r, b_z, b_h.
+    """
+    for name, p in model.named_parameters():
+        if "bias" in name:
+            nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, 0.0, 0.01)
+        if name.startswith("rnn.bias_hh"):
+            p.requires_grad_(False)
+
+
+#: Parameter initialisations, by --init name.
+INITS: dict[str, Callable[["LanguageModel"], None]] = {
+    "torch": lambda model: None,  # torch.nn's own: U(−1/√H, 1/√H)
+    "d2l": _init_d2l,
+}
 
 
 @dataclass
-class ModelConfig:
-    vocab_size: int  # number of tokens, <unk> included
-    cell: str = "gru"  # recurrent cell: gru (grulab.GRU), lstm or rnn (torch.nn)
-    hidden: int = 256  # hidden units per layer
-    layers: int = 1  # stacked recurrent layers
-    dropout: float = 0.0  # dropout between layers and before the output layer
-    embed: int = 0  # embedding width; 0 feeds one-hot vectors, as the notes do
-    reset_after: bool = True  # GRU only: reset gate after the matmul (PyTorch) or before (notes)
-    impl: str = "auto"  # GRU only: auto, fused, torch or reference (grulab.GRU's impl)
+class ModelArgs(Config):
+    """The model's fields. ModelConfig adds the vocabulary size; TrainConfig adds the run's fields.
 
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        for name in ("vocab_size", "hidden", "layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.embed, bool) or not isinstance(self.embed, int) or self.embed < 0:
-            raise ValueError(f"embed must be an integer >= 0 (0 = one-hot), got {self.embed!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+    The size caps refuse a damaged config.json before it asks for terabytes: 65,536 hidden
+    units are already 50 GB of float32 weights per GRU layer."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    cell: str = option("gru", "recurrent cell", choices=CELLS)
+    hidden: int = option(384, "hidden units per layer", rule=up_to(POSITIVE_INT, 65536))
+    layers: int = option(1, "recurrent layers", rule=up_to(POSITIVE_INT, 256))
+    dropout: float = option(0.0, "dropout between layers and before the output layer", rule=FRACTION)
+    embed: int = option(64, "embedding width; 0 = one-hot input as in the notes", rule=up_to(COUNT, 65536))
+    reset_after: bool = option(
+        True, "GRU: reset gate after the recurrent matrix product (PyTorch, cuDNN); False = the notes' form",
+        flag="--reset-before", flag_help="GRU: the notes' form, the reset gate before the matrix product: "
+        "H̃ = tanh(X W_xh + (R ⊙ H) W_hh + b_h) (default: PyTorch's reset-after form)")
+    impl: str = option("auto", "GRU kernel: auto (fused on CPU), fused, torch (torch.nn.GRU's, reset-after only) "
+                       "or reference (the notes' equations)", choices=IMPLS)
+    init: str = option("torch", "parameter init: torch (U(−1/√H, 1/√H)) or d2l (the notes: N(0, 0.01²) weights, "
+                       "zero biases, one bias per gate)", choices=INITS)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+    def check(self) -> None:
+        super().check()
+        if self.cell == "gru" and self.impl == "torch" and not self.reset_after:
+            raise ConfigError("impl", "auto, fused or reference for the reset-before GRU "
+                              "(torch's kernels compute only the reset-after form)", self.impl)
+
+    def describe(self) -> str:
+        """'gru 1×384', with the reset-before form named."""
+        form = " (reset before)" if self.cell == "gru" and not self.reset_after else ""
+        return f"{self.cell}{form} {self.layers}×{self.hidden}"
+
+
+@dataclass
+class ModelConfig(ModelArgs):
+    """Everything that rebuilds a model: checkpoints store it as config.json's "model"."""
+
+    vocab_size: int = option(help="number of tokens, <unk> included", rule=up_to(POSITIVE_INT, 2**24))
 
 
 class LanguageModel(nn.Module):
@@ -63,16 +121,10 @@ class LanguageModel(nn.Module):
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed) if c.embed else None
         input_size = c.embed or c.vocab_size
-        rnn_dropout = c.dropout if c.layers > 1 else 0.0
-        if c.cell == "gru":
-            self.rnn = GRU(input_size, c.hidden, c.layers, dropout=rnn_dropout, reset_after=c.reset_after,
-                           impl=c.impl)
-        elif c.cell == "lstm":
-            self.rnn = nn.LSTM(input_size, c.hidden, c.layers, dropout=rnn_dropout)
-        else:
-            self.rnn = nn.RNN(input_size, c.hidden, c.layers, dropout=rnn_dropout)
+        self.rnn = CELLS[c.cell].build(c, input_size, c.dropout if c.layers > 1 else 0.0)
         self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
+        INITS[c.init](self)
 
     def inputs(self, idx: Tensor) -> Tensor:
         """Token ids (T, B) -> input vectors (T, B, I): an embedding, or one-hot as in the notes."""
@@ -89,8 +141,9 @@ class LanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> State:
         w = self.head.weight
-        h = w.new_zeros(self.config.layers, batch_size, self.config.hidden)  # (L, B, H)
-        return (h, h.clone()) if self.config.cell == "lstm" else h
+        states = [w.new_zeros(self.config.layers, batch_size, self.config.hidden)  # each (L, B, H)
+                  for _ in range(CELLS[self.config.cell].states)]
+        return states[0] if len(states) == 1 else tuple(states)
 
     @torch.no_grad()
     def step(self, idx: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:

@@ -93,3 +93,39 @@ def gru_layer(
     if not outputs:
         return x.new_zeros(0, h.shape[0], h.shape[1]), h
     return torch.stack(outputs), h  # (T, B, H), (B, H)
+
+
+def trace(gru, x: Tensor, h0: Optional[Tensor] = None) -> list[GRUStep]:
+    """Run a GRU stack over ``x`` step by step with :func:`gru_step` and keep every gate.
+
+    ``gru`` is a one-directional :class:`grulab.GRU` or :class:`torch.nn.GRU` (whose
+    weights are used as they are); ``x`` is (T, B, I), time-major; ``h0`` is
+    (L, B, H), zeros when omitted. Returns one :class:`GRUStep` per layer whose
+    fields are the layer's ``r``, ``z``, ``n`` and ``h`` over time, each (T, B, H):
+    ``h`` is the layer's output, so the last layer's ``h`` is what
+    ``gru(x, h0)[0]`` returns (without dropout between layers: eval mode).
+
+    Equivalent to::
+
+        for layer in range(L):
+            h = h0[layer]
+            for t in range(T):
+                r[t], z[t], n[t], h = gru_step(x[t], h, *weights[layer], reset_after)
+            x = stack of h over t        # the next layer's input
+    """
+    if gru.bidirectional:
+        raise ValueError("trace: expected a one-directional GRU, got bidirectional=True")
+    if x.dim() != 3 or x.shape[0] == 0:
+        raise ValueError(f"trace: expected x (T, B, I) with T >= 1, got shape {tuple(x.shape)}")
+    reset_after = getattr(gru, "reset_after", True)  # torch.nn.GRU computes the reset-after form
+    layers = []
+    for k, weights in enumerate(gru.all_weights):
+        w_ih, w_hh, b_ih, b_hh = weights if gru.bias else (*weights, None, None)
+        h = h0[k] if h0 is not None else x.new_zeros(x.shape[1], gru.hidden_size)  # (B, H)
+        steps = []
+        for x_t in x:  # x_t (B, I)
+            steps.append(gru_step(x_t, h, w_ih, w_hh, b_ih, b_hh, reset_after))
+            h = steps[-1].h  # (B, H)
+        layers.append(GRUStep(*(torch.stack(over_time) for over_time in zip(*steps))))  # each (T, B, H)
+        x = layers[-1].h  # (T, B, H): the next layer's input
+    return layers

@@ -1,9 +1,12 @@
 """Train a language model on a text: the notes' training loop, made into a tool.
 
-Top to bottom, as nanoGPT's train.py: config, data, model, optimizer, loop.
-Per epoch it reports training and validation perplexity, tokens/s and the
-model's continuation of a few prefixes; it writes ``metrics.jsonl``, a
-perplexity plot and an atomic checkpoint to the run directory.
+:func:`train` reads top to bottom, as nanoGPT's train.py: config, data, model,
+optimizer, then the loop, one batch at a time through the steps below it
+(:func:`train_step`, :func:`report`, :func:`stop`). Where the run stands is one
+:class:`RunState`, which checkpoints itself, so ``--resume`` goes on exactly as
+if the run had never stopped. Per report it prints training and validation
+perplexity, tokens/s and the model's continuation of a few prefixes, and
+writes ``metrics.jsonl``, a perplexity plot and an atomic checkpoint.
 
     from grulab.train import TrainConfig, train
     train(TrainConfig(corpus="austen", max_minutes=2, out="runs/austen"))
@@ -13,100 +16,102 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import checkpoint
-from .data import build_dataset, min_tokens, num_batches, random_batches, sequential_batches
-from .errors import GrulabError
-from .model import LanguageModel, ModelConfig, count_parameters, detach_state
-from .signals import StopOnSignal
+from . import checkpoint, native, plots, rundir
+from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, up_to
+from .data import CORPORA, LEVELS, SAMPLERS, Dataset, build_dataset, min_tokens, num_batches
+from .errors import ConfigError, GrulabError, UsageError
+from .model import LanguageModel, ModelArgs, ModelConfig, State, count_parameters, detach_state
+from .signals import StopOnSignal, Stopped
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+SCHEDULES = ("cosine", "constant")
+METRICS = checkpoint.METRICS
+# Adam's float32 step, lr / (1 - beta1), overflows past ~3e37
+LEARNING_RATE = up_to(POSITIVE, 1e30)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelArgs):
+    """A training run: the model's fields (from :class:`ModelArgs`), then the data, batches,
+    optimisation, budget and reporting. ``grulab train`` has one flag per field."""
+
     # data
-    corpus: str = "austen"  # a bundled corpus name (austen, tang300, tang-qilu, timemachine) or a path
-    level: str = "char"  # tokens: char or word
-    min_freq: int = 0  # tokens seen fewer times become <unk>
-    d2l_text: bool = False  # the d2l preprocessing: lower case, letters only
-    val_fraction: float = 0.1  # the tail of the corpus held out for validation
-    # model
-    cell: str = "gru"  # gru, lstm or rnn
-    hidden: int = 384  # hidden units per layer
-    layers: int = 1  # recurrent layers
-    dropout: float = 0.0  # dropout between layers and before the output layer
-    embed: int = 64  # embedding width; 0 = one-hot input as in the notes
-    impl: str = "auto"  # GRU kernel: auto (fused on CPU), fused, torch (torch.nn.GRU's) or reference
+    corpus: str = option("austen", f"a bundled corpus name ({', '.join(CORPORA)}) or the path of a UTF-8 text file")
+    level: str = option("char", "tokens: characters, or words and punctuation", choices=LEVELS)
+    min_freq: int = option(0, "tokens seen fewer times become <unk>", rule=COUNT)
+    d2l_text: bool = option(False, "the d2l preprocessing: lower case, letters only")
+    val_fraction: float = option(0.1, "the tail of the corpus held out for validation; 0 = none: the reports "
+                                 "show training perplexity only, and divergence is judged on the training loss",
+                                 rule=FRACTION)
+    max_tokens: int = option(0, "train on the first N tokens only (0 = all); d2l's load_data_time_machine "
+                             "uses 10000", rule=COUNT)
     # batches
-    batch_size: int = 64  # sequences per batch
-    num_steps: int = 64  # time steps per sequence (truncated BPTT length)
-    sampling: str = "sequential"  # sequential (state carried, detached) or random (state reset)
+    batch_size: int = option(64, "sequences per batch", rule=POSITIVE_INT)
+    num_steps: int = option(64, "time steps per sequence (truncated BPTT length)", rule=POSITIVE_INT)
+    sampling: str = option("sequential", "sequential (state carried, detached) or random (state reset)",
+                           choices=SAMPLERS)
     # optimisation
-    optimizer: str = "adam"  # adam or sgd
-    lr: float = 3e-3  # peak learning rate
-    schedule: str = "cosine"  # cosine (warm-up, then decay to lr/10 over the budget) or constant
-    clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = option(3e-3, "peak learning rate", rule=LEARNING_RATE)
+    schedule: str = option("cosine", "cosine (warm-up, then decay to lr/10 over the budget) or constant",
+                           choices=SCHEDULES)
+    clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE)
     # budget: training stops at whichever ends first
-    epochs: int = 0  # passes over the training text (0 = until --max-minutes); with both, whichever ends first
-    max_minutes: float = 3.0  # wall-clock budget in minutes (0 = until --epochs); with both, whichever ends first
+    epochs: int = option(0, "passes over the training text (0 = until --max-minutes); with both, whichever "
+                         "ends first", rule=COUNT, resumable=True)
+    max_minutes: float = option(3.0, "wall-clock budget in minutes (0 = until --epochs); with both, whichever "
+                                "ends first", rule=NON_NEGATIVE, resumable=True)
     # run
-    seed: int = 0  # seeds the model init, the batches and dropout
-    out: str = "runs/latest"  # run directory: checkpoint/, metrics.jsonl, perplexity.png
-    resume: bool = False  # continue the run in --out where it stopped
-    prefixes: list[str] = field(default_factory=list)  # continued every epoch (default: the validation text's start)
-    predict_length: int = 60  # tokens predicted per prefix
-    eval_every: int = 0  # also evaluate every N batches (0 = at the end of each epoch only)
-    progress: bool = True  # show a progress bar
+    seed: int = option(0, "seeds the model init, the batches and dropout", rule=SEED)
+    out: str = option("runs/latest", "run directory: checkpoint/, metrics.jsonl, perplexity.png; one run at a "
+                      "time, and a new run into one that holds a run is refused (see --resume, --overwrite)")
+    resume: bool = option(False, "continue the run in --out where it stopped")
+    overwrite: bool = option(False, "replace the run already in --out (its checkpoint and metrics are deleted)")
+    checkpoint_every_minutes: float = option(
+        5.0, "also save a checkpoint after this many minutes without one, so that a hard kill (kill -9, power) "
+        "loses at most that much; Ctrl-C, SIGTERM and SIGHUP save at once (0 = at reports only)",
+        rule=NON_NEGATIVE, resumable=True)
+    prefixes: list[str] = option([], "continued at every report", flag="--prefix",
+                                 default_help="the first 8 tokens of the validation text", resumable=True)
+    predict_length: int = option(60, "tokens predicted per prefix", rule=COUNT, resumable=True)
+    eval_every: int = option(0, "also evaluate every N batches (0 = at the end of each epoch only)", rule=COUNT,
+                             resumable=True)
+    progress: bool = option(True, "show a progress bar", flag="--no-progress", flag_help="hide the progress bar",
+                            resumable=True)
 
-    def __post_init__(self) -> None:
-        def bad(flag: str, value, want: str) -> GrulabError:
-            from .errors import UsageError
-
-            return UsageError(f"--{flag.replace('_', '-')} must be {want}, got {value!r}")
-
-        choices = {"level": ("char", "word"), "cell": ("gru", "lstm", "rnn"),
-                   "impl": ("auto", "fused", "torch", "reference"),
-                   "sampling": ("sequential", "random"), "optimizer": ("adam", "sgd"),
-                   "schedule": ("cosine", "constant")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise bad(name, getattr(self, name), "one of " + ", ".join(allowed))
-        for name in ("hidden", "layers", "batch_size", "num_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad(name, v, "a positive integer")
-        for name in ("embed", "epochs", "min_freq", "predict_length", "eval_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad(name, v, "an integer >= 0")
-        for name, lo, hi, want in [("lr", 0, math.inf, "a positive number"),
-                                   ("clip", 0, math.inf, "a number >= 0"),
-                                   ("max_minutes", 0, math.inf, "a number >= 0"),
-                                   ("dropout", 0, 1, "in [0, 1)"),
-                                   ("val_fraction", 0, 1, "in [0, 1)")]:
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v < hi
-            if not ok or (name == "lr" and v == 0):
-                raise bad(name, v, want)
+    def check(self) -> None:
+        super().check()
         if self.epochs == 0 and self.max_minutes == 0:
-            raise bad("epochs", 0, "> 0 when --max-minutes is 0 (give the run a budget)")
+            raise ConfigError("epochs", "> 0 when max_minutes is 0 (give the run a budget)", 0)
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "left out with --resume (continue the run, or replace it)", True)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(vocab_size=vocab_size, cell=self.cell, hidden=self.hidden, layers=self.layers,
-                           dropout=self.dropout, embed=self.embed, impl=self.impl)
+        return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(self, f.name) for f in fields(ModelArgs)})
 
 
-# The notes' settings (d2l, chapter "GRU"): one-hot input, SGD lr 1, clip 1,
-# batch 32 × 35 steps, hidden 256, 500 epochs on the Time Machine.
-PRESETS: dict[str, dict] = {
-    "d2l": dict(cell="gru", hidden=256, layers=1, embed=0, batch_size=32, num_steps=35,
-                sampling="random", optimizer="sgd", lr=1.0, schedule="constant", clip=1.0,
-                epochs=500, max_minutes=0.0, prefixes=["time traveller", "traveller"]),
+@dataclass(frozen=True)
+class Preset:
+    help: str  # what the preset is, for --help
+    values: dict  # the TrainConfig fields it sets
+
+
+PRESETS: dict[str, Preset] = {
+    # Seed 004: d2l's get_params and train_ch8(model, train_iter, vocab, lr=1, num_epochs=500) on
+    # load_data_time_machine(32, 35) (sequential batches, the first 10,000 characters).
+    "d2l": Preset("the notes' scratch GRU", dict(
+        cell="gru", reset_after=False, init="d2l", hidden=256, layers=1, embed=0, dropout=0.0,
+        level="char", d2l_text=True, max_tokens=10000, batch_size=32, num_steps=35, sampling="sequential",
+        optimizer="sgd", lr=1.0, schedule="constant", clip=1.0, epochs=500, max_minutes=0.0,
+        prefixes=["time traveller", "traveller"], predict_length=50)),
 }
 
 
@@ -115,36 +120,295 @@ def with_preset(config: TrainConfig, preset: Optional[str]) -> TrainConfig:
         return config
     if preset not in PRESETS:
         raise GrulabError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    return replace(config, **PRESETS[preset])
-
-
-RESUMABLE = ("epochs", "max_minutes", "progress", "prefixes", "predict_length", "eval_every")
+    return replace(config, **PRESETS[preset].values)
 
 
 def resume_config(out, **changes) -> TrainConfig:
     """The saved config of the run in ``out``, ready to ``train()`` on from where it stopped.
 
-    A resumed run keeps its settings; only the budget and reporting (RESUMABLE) may change.
+    A resumed run keeps its settings; only the budget and reporting fields may change.
     """
-    from .errors import UsageError
-
-    changed = sorted(set(changes) - set(RESUMABLE))
+    resumable = [f.name for f in fields(TrainConfig) if f.metadata["resumable"]]
+    changed = sorted(set(changes) - set(resumable))
     if changed:
         raise UsageError(f"{', '.join('--' + c.replace('_', '-') for c in changed)} cannot change on --resume: "
                          "the run keeps its settings; only --epochs, --max-minutes and reporting flags may be given")
-    saved = config_from_dict(checkpoint.load(out).train)
-    return replace(saved, out=str(out), resume=True, **changes)
+    ckpt = checkpoint.load(out)
+    try:
+        saved = TrainConfig.from_dict(ckpt.train)
+    except GrulabError as e:
+        raise GrulabError(f"the training config in {ckpt.path / 'config.json'} is not valid ({e}); "
+                          "resume is not possible, start a new run in another --out") from None
+    return replace(saved, out=str(out), resume=True, overwrite=False, **changes)
 
 
-def config_to_dict(config: TrainConfig) -> dict:
-    return asdict(config)
+@dataclass
+class RunState:
+    """Where a run stands: everything ``--resume`` needs to go on exactly as if it never stopped.
+
+    ``save`` writes it, with the model and optimizer, as the run's checkpoint
+    (``progress`` in config.json, the RNG states and carried state in
+    state.safetensors); ``restore`` reads it back.
+    """
+
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # batches finished in the current epoch
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # training tokens seen
+    elapsed: float = 0.0  # seconds of training, over all sessions of the run
+    rng: torch.Generator = field(default_factory=torch.Generator)  # draws the batches
+    epoch_rng: Optional[Tensor] = None  # rng's state at the start of the current epoch
+    carried: Optional[State] = None  # the hidden state carried into the next batch (sequential sampling)
+
+    PROGRESS = ("epoch", "batch", "step", "tokens", "elapsed")  # what config.json's "progress" holds
+
+    @classmethod
+    def start(cls, seed: int) -> "RunState":
+        rng = torch.Generator().manual_seed(seed)
+        return cls(rng=rng, epoch_rng=rng.get_state())
+
+    @classmethod
+    def restore(cls, ckpt: checkpoint.Checkpoint, seed: int) -> "RunState":
+        """The state saved in ``ckpt`` (loaded with its training state); sets torch's RNG as it was."""
+        run = replace(cls.start(seed), **{k: ckpt.progress[k] for k in cls.PROGRESS if k in ckpt.progress})
+        extra = ckpt.extra
+        if "batch_gen" in extra:
+            run.epoch_rng = extra["batch_gen"]
+        if "torch_rng" in extra:
+            torch.set_rng_state(extra["torch_rng"])
+        if "state_h" in extra:
+            run.carried = (extra["state_h"], extra["state_c"]) if "state_c" in extra else extra["state_h"]
+        return run
+
+    def advance(self, tokens: int, per_epoch: int) -> None:
+        """One batch done; after the epoch's last, the next epoch draws its batches from here."""
+        self.batch, self.step, self.tokens = self.batch + 1, self.step + 1, self.tokens + tokens
+        if self.batch == per_epoch:
+            self.epoch, self.batch, self.epoch_rng, self.carried = self.epoch + 1, 0, self.rng.get_state(), None
+
+    def save(self, config: TrainConfig, model: LanguageModel, vocab, optimizer: torch.optim.Optimizer) -> Path:
+        extra = {"batch_gen": self.epoch_rng, "torch_rng": torch.get_rng_state()}
+        if self.carried is not None:
+            carried = self.carried if isinstance(self.carried, tuple) else (self.carried,)
+            extra.update(zip(("state_h", "state_c"), carried))
+        progress = {k: getattr(self, k) for k in self.PROGRESS}
+        return checkpoint.save(Path(config.out), model, vocab, config.to_dict(), progress, optimizer, extra)
 
 
-def config_from_dict(d: dict) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in d.items() if k in known})
+@dataclass
+class Meter:
+    """Training loss, tokens and seconds since the last report."""
+
+    loss: float = 0.0  # summed over tokens
+    tokens: int = 0
+    seconds: float = 0.0
 
 
+def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train as ``config`` says; return the last report's metrics ({} if the budget was spent already).
+
+    ``on_epoch(row)`` is called after each report. The run directory is this process's while it
+    trains (:func:`grulab.rundir.claim`). Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and raises
+    :class:`grulab.signals.Stopped` (a KeyboardInterrupt); a NaN or infinite loss raises GrulabError
+    and keeps the last good checkpoint.
+    """
+    with rundir.claim(Path(config.out), resume=config.resume, overwrite=config.overwrite):
+        return _train(with_absolute_corpus(config), on_epoch)
+
+
+def _train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]]) -> dict:
+    resumed = checkpoint.load(config.out, with_training_state=True) if config.resume else None
+    if resumed is not None:
+        checkpoint.trim_metrics(Path(config.out), resumed)  # rows written after that save: their training is redone
+    torch.manual_seed(config.seed)
+    data, per_epoch = load_data(config, resumed)
+    model = resumed_model(config, resumed) if resumed else LanguageModel(config.model_config(len(data.vocab)))
+    model.train()
+    native.load()  # the kernel is ready (built at install, else now) before the clock starts
+    optimizer = make_optimizer(config, model, resumed)
+    run = RunState.restore(resumed, config.seed) if resumed else RunState.start(config.seed)
+    start_metrics(config, fresh=resumed is None)
+    log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None)
+    started, meter, last = time.perf_counter() - run.elapsed, Meter(), {}
+    saved = time.perf_counter()  # when the last checkpoint was written
+    with progress_bar(config, per_epoch) as bar, StopOnSignal() as interrupt:
+        for X, Y in remaining_batches(config, data, run):
+            if interrupt.requested:  # Ctrl-C, SIGTERM, SIGHUP: stop between batches, where the state is consistent
+                stop(config, model, data, optimizer, run, time.perf_counter() - started, bar, interrupt.interrupt())
+            if config.max_minutes and time.perf_counter() - started >= config.max_minutes * 60:
+                break  # the time budget is spent
+            loss = train_step(config, model, optimizer, X, Y, run, meter, per_epoch, started)
+            bar.update(bar.task_ids[0], completed=run.batch or per_epoch, epoch=run.epoch + (run.batch > 0), loss=loss)
+            if run.batch == 0 or (config.eval_every and run.step % config.eval_every == 0):
+                last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch)
+                saved = time.perf_counter()
+            elif config.checkpoint_every_minutes and time.perf_counter() - saved >= config.checkpoint_every_minutes * 60:
+                run.elapsed = time.perf_counter() - started  # a timed save: no report, no metrics row
+                run.save(config, model, data.vocab, optimizer)
+                saved = time.perf_counter()
+        if meter.tokens:  # the time budget ended the run inside an epoch
+            last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch)
+    if not last:
+        _log(f"nothing to train: the run's budget ({config.epochs or '-'} epochs, {config.max_minutes:g} minutes) "
+             f"is used up; give a larger --epochs or --max-minutes")
+        return last
+    plots.perplexity_curve(read_metrics(Path(config.out) / METRICS), Path(config.out) / "perplexity.png")
+    return last
+
+
+# ---------------------------------------------------------------------------- the steps of train()
+def with_absolute_corpus(config: TrainConfig) -> TrainConfig:
+    """``config`` with a corpus file's path made absolute (a bundled name stays a name), so that the
+    checkpoint's config resumes from any working directory."""
+    if config.corpus in CORPORA:
+        return config
+    return replace(config, corpus=str(Path(config.corpus).expanduser().absolute()))
+
+
+def load_data(config: TrainConfig, resumed: Optional[checkpoint.Checkpoint]) -> tuple[Dataset, int]:
+    """The corpus as token ids, and the number of batches per epoch."""
+    data = build_dataset(config.corpus, config.level, config.min_freq, config.d2l_text, config.val_fraction,
+                         config.max_tokens)
+    if resumed is not None and resumed.vocab != data.vocab:
+        raise GrulabError(f"the corpus {config.corpus!r} no longer gives the vocabulary saved in {resumed.path}; "
+                          "resume with the same corpus or start a new run in another --out")
+    per_epoch = num_batches(len(data.train_ids), config.batch_size, config.num_steps, config.sampling)
+    if per_epoch < 1:
+        need = min_tokens(config.batch_size, config.num_steps, config.sampling)
+        raise GrulabError(f"corpus {config.corpus!r} is too short for one batch: {len(data.train_ids):,} training "
+                          f"tokens, {need:,} needed; lower --batch-size or --num-steps, or use a longer text")
+    return data, per_epoch
+
+
+def resumed_model(config: TrainConfig, resumed: checkpoint.Checkpoint) -> LanguageModel:
+    if resumed.model.config != config.model_config(resumed.model.config.vocab_size):
+        raise GrulabError(f"the model in {resumed.path} is not the one this config describes; "
+                          "build the config with grulab.train.resume_config(out)")
+    return resumed.model
+
+
+def make_optimizer(config: TrainConfig, model: LanguageModel,
+                   resumed: Optional[checkpoint.Checkpoint]) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters, with its saved state on resume."""
+    optimizer = OPTIMIZERS[config.optimizer]([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    if resumed is not None and resumed.optimizer is not None:
+        optimizer.load_state_dict(resumed.optimizer)
+    return optimizer
+
+
+def start_metrics(config: TrainConfig, fresh: bool) -> None:
+    """The run directory, with an empty metrics.jsonl for a new run (a resumed one appends)."""
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    if fresh:
+        (Path(config.out) / METRICS).write_text("")
+
+
+def log_start(config: TrainConfig, data: Dataset, model: LanguageModel, per_epoch: int,
+              resumed_at: Optional[int]) -> None:
+    _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
+         f"{config.level} tokens, vocab {len(data.vocab)}), {model.config.describe()}, "
+         f"{count_parameters(model):,} parameters, {per_epoch} batches of {config.batch_size}×{config.num_steps} "
+         "per epoch" + (f", resumed at epoch {resumed_at}" if resumed_at else ""))
+
+
+def progress_bar(config: TrainConfig, per_epoch: int):
+    """A rich progress bar over the batches of the current epoch (hidden with --no-progress)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), disable=not config.progress,
+                   transient=True)
+    bar.add_task("train", total=per_epoch, epoch=1, loss=float("nan"))
+    return bar
+
+
+def remaining_batches(config: TrainConfig, data: Dataset, run: RunState) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches (X, Y), each (B, T), from where the run stands to the last epoch (endless without
+    --epochs). Each epoch's batches come from the sampler's RNG state at that epoch's start, so a
+    resumed run gets the very batches it would have had."""
+    sample = SAMPLERS[config.sampling]
+    while not config.epochs or run.epoch < config.epochs:
+        run.rng.set_state(run.epoch_rng)
+        done = run.batch  # resuming inside an epoch: these were trained on
+        for i, (X, Y) in enumerate(sample(data.train_ids, config.batch_size, config.num_steps, run.rng)):
+            if i >= done:
+                yield X, Y
+
+
+def train_step(config: TrainConfig, model: LanguageModel, optimizer: torch.optim.Optimizer, X: Tensor, Y: Tensor,
+               run: RunState, meter: Meter, per_epoch: int, started: float) -> float:
+    """One batch: forward, loss, backward, clip, update; then advance the run. Returns the loss."""
+    t0 = time.perf_counter()
+    state = detach_state(run.carried) if config.sampling == "sequential" else None  # random batches: fresh
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(config, budget_progress(config, run, per_epoch, t0 - started))
+    logits, state = model(X, state)  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
+    if not torch.isfinite(loss):
+        raise diverged(config, f"epoch {run.epoch + 1}, batch {run.batch + 1}", f"the loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip > 0:
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.clip)
+    optimizer.step()
+    run.carried = detach_state(state)
+    run.advance(Y.numel(), per_epoch)
+    meter.loss, meter.tokens = meter.loss + loss.item() * Y.numel(), meter.tokens + Y.numel()
+    meter.seconds += time.perf_counter() - t0
+    return loss.item()
+
+
+def report(config: TrainConfig, data: Dataset, model: LanguageModel, optimizer: torch.optim.Optimizer,
+           run: RunState, meter: Meter, per_epoch: int, started: float, bar,
+           on_epoch: Optional[Callable[[dict], None]]) -> dict:
+    """Evaluate; stop if training diverged; save the checkpoint; log a metrics line and predictions."""
+    from .generate import predict  # generation imports the model; keep train importable alone
+
+    run.elapsed = time.perf_counter() - started
+    validated = len(data.val_ids) > 1  # --val-fraction 0 (or a tail too short to predict): training only
+    val_nll = evaluate(model, data.val_ids, 32, config.num_steps)[0] if validated else math.nan
+    row = dict(epoch=round(run.epoch + run.batch / per_epoch, 4), step=run.step, tokens=run.tokens,
+               train_ppl=perplexity(meter.loss / max(meter.tokens, 1)), val_ppl=perplexity(val_nll) if validated else None,
+               tokens_per_s=meter.tokens / max(meter.seconds, 1e-9), elapsed=run.elapsed,
+               lr=optimizer.param_groups[0]["lr"])
+    if math.isinf(row["train_ppl"]) or (validated and not math.isfinite(row["val_ppl"])):
+        raise diverged(config, f"epoch {row['epoch']:.2f}",
+                       f"the perplexity is {row['train_ppl']} (train), {row['val_ppl']} (val)")
+    meter.loss, meter.tokens, meter.seconds = 0.0, 0, 0.0
+    # the row goes first: the checkpoint records how much of metrics.jsonl is its own
+    checkpoint.append_metrics(Path(config.out), row)
+    run.save(config, model, data.vocab, optimizer)
+    val = f"val ppl {row['val_ppl']:.3f}  " if validated else ""
+    bar.console.print(f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  {val}"
+                      f"{row['tokens_per_s']:,.0f} tok/s  lr {row['lr']:.2e}  {row['elapsed']:.0f}s", highlight=False)
+    prefixes = config.prefixes or [data.vocab.decode(data.val_ids[:8] if len(data.val_ids) >= 8 else data.train_ids[:8])]
+    for p in prefixes:
+        bar.console.print(f"  {predict(model, data.vocab, p, config.predict_length)!r}", highlight=False, markup=False)
+    if on_epoch is not None:
+        on_epoch(row)
+    return row
+
+
+def stop(config: TrainConfig, model: LanguageModel, data: Dataset, optimizer: torch.optim.Optimizer,
+         run: RunState, elapsed: float, bar, stopped: Stopped) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP: save where the run stands and raise ``stopped``."""
+    run.elapsed = elapsed
+    run.save(config, model, data.vocab, optimizer)
+    bar.stop()
+    _log(f"interrupted: checkpoint saved to {Path(config.out) / checkpoint.CHECKPOINT}; "
+         f"continue with: grulab train --resume --out {config.out}")
+    raise stopped
+
+
+def diverged(config: TrainConfig, where: str, what: str) -> GrulabError:
+    out = Path(config.out)
+    kept = checkpoint.find(out) if (out / checkpoint.CHECKPOINT).exists() else None
+    return GrulabError(f"training diverged at {where}: {what}; "
+                       + (f"the last good checkpoint is kept in {kept}; " if kept else "no checkpoint was saved; ")
+                       + "lower --lr or set --clip")
+
+
+# ---------------------------------------------------------------------------- helpers
 @torch.no_grad()
 def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int = 32, num_steps: int = 64) -> tuple[float, int]:
     """Mean negative log-likelihood (nats/token) of ``ids`` under the model, and the token count.
@@ -175,6 +439,14 @@ def perplexity(nll: float) -> float:
     return math.exp(nll) if nll < 709 else math.inf
 
 
+def budget_progress(config: TrainConfig, run: RunState, per_epoch: int, elapsed: float) -> float:
+    """How far through the budget: by steps when --epochs is set (so a seeded run is reproducible),
+    else by wall time."""
+    if config.epochs:
+        return min(1.0, run.step / (config.epochs * per_epoch))
+    return min(1.0, elapsed / (config.max_minutes * 60))
+
+
 def lr_at(config: TrainConfig, progress: float) -> float:
     """The learning rate at ``progress`` ∈ [0, 1] of the budget."""
     if config.schedule == "constant":
@@ -186,236 +458,9 @@ def lr_at(config: TrainConfig, progress: float) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
-    """Train as ``config`` says; return the last epoch's metrics.
-
-    Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and raises signals.Stopped (a KeyboardInterrupt); a NaN or
-    infinite loss raises GrulabError and leaves the last good checkpoint.
-    """
-    from .generate import predict  # generation imports the model; keep train importable alone
-
-    out = Path(config.out)
-    # -------------------------------------------------------------- resume or start
-    resumed = None
-    if config.resume:
-        resumed = checkpoint.load(out, with_training_state=True)
-        checkpoint.trim_metrics(out, resumed)  # rows written after that save: their training is redone
-        if resumed.model.config != config.model_config(resumed.model.config.vocab_size):
-            raise GrulabError(f"the model in {resumed.path} is not the one this config describes; "
-                              "build the config with grulab.train.resume_config(out)")
-    torch.manual_seed(config.seed)
-
-    # -------------------------------------------------------------- data
-    data = build_dataset(config.corpus, config.level, config.min_freq, config.d2l_text, config.val_fraction)
-    vocab = data.vocab
-    if resumed is not None and resumed.vocab != vocab:
-        raise GrulabError(f"the corpus {config.corpus!r} no longer gives the vocabulary saved in {resumed.path}; "
-                          "resume with the same corpus or start a new run in another --out")
-    batches = sequential_batches if config.sampling == "sequential" else random_batches
-    per_epoch = num_batches(len(data.train_ids), config.batch_size, config.num_steps, config.sampling)
-    if per_epoch < 1:
-        need = min_tokens(config.batch_size, config.num_steps, config.sampling)
-        raise GrulabError(f"corpus {config.corpus!r} is too short for one batch: {len(data.train_ids):,} training "
-                          f"tokens, {need:,} needed; lower --batch-size or --num-steps, or use a longer text")
-    prefixes = config.prefixes or [vocab.decode(data.val_ids[:8] if len(data.val_ids) >= 8 else data.train_ids[:8])]
-
-    # -------------------------------------------------------------- model and optimizer
-    model = resumed.model if resumed is not None else LanguageModel(config.model_config(len(vocab)))
-    model.train()
-    params = list(model.parameters())
-    if config.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=config.lr)
-    else:
-        opt = torch.optim.SGD(params, lr=config.lr)
-    progress = dict(epoch=0, batch=0, step=0, tokens=0, elapsed=0.0)
-    batch_gen = torch.Generator().manual_seed(config.seed)
-    epoch_gen_state = batch_gen.get_state()
-    state = None
-    if resumed is not None:
-        if resumed.optimizer is not None:
-            opt.load_state_dict(resumed.optimizer)
-        progress.update(resumed.progress)
-        extra = resumed.extra
-        if "batch_gen" in extra:
-            epoch_gen_state = extra["batch_gen"]
-        if "torch_rng" in extra:
-            torch.set_rng_state(extra["torch_rng"])
-        if "state_h" in extra:
-            state = (extra["state_h"], extra["state_c"]) if "state_c" in extra else extra["state_h"]
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / checkpoint.METRICS
-    if resumed is None:
-        metrics_path.write_text("")
-
-    budget_s = config.max_minutes * 60
-    total_steps = config.epochs * per_epoch
-
-    def budget_progress(elapsed: float, step: int) -> float:
-        """How far through the budget: by steps when --epochs is set (so a seeded run is
-        reproducible), else by wall time."""
-        if total_steps:
-            return min(1.0, step / total_steps)
-        return min(1.0, elapsed / budget_s)
-
-    _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
-         f"{config.level} tokens, vocab {len(vocab)}), {config.cell} {config.layers}×{config.hidden}, "
-         f"{count_parameters(model):,} parameters, {per_epoch} batches of {config.batch_size}×{config.num_steps} per epoch"
-         + (f", resumed at epoch {progress['epoch'] + 1}" if resumed is not None else ""))
-
-    # -------------------------------------------------------------- the loop
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), disable=not config.progress,
-                   transient=True)
-    last: dict = {}
-    start_time = time.perf_counter() - progress["elapsed"]
-    seg = dict(loss=0.0, tokens=0, train_s=0.0)  # training since the last report
-
-    def save(carried) -> None:
-        """Checkpoint the model, the optimizer, the position and what makes the rest reproducible."""
-        extra = {"batch_gen": epoch_gen_state, "torch_rng": torch.get_rng_state()}  # epoch-start batch RNG
-        if carried is not None:  # the hidden state carried into the next batch (sequential sampling)
-            extra.update(zip(("state_h", "state_c"), carried if isinstance(carried, tuple) else (carried,)))
-        checkpoint.save(out, model, vocab, config_to_dict(config), dict(progress), opt, extra)
-
-    def checkpoint_and_report(epoch_pos: float, carried) -> dict:
-        """Evaluate; stop if training diverged; save the checkpoint; log a metrics line and predictions."""
-        progress["elapsed"] = time.perf_counter() - start_time
-        val_nll, _ = evaluate(model, data.val_ids, 32, config.num_steps)
-        row = dict(epoch=round(epoch_pos, 4), step=progress["step"], tokens=progress["tokens"],
-                   train_ppl=perplexity(seg["loss"] / max(seg["tokens"], 1)), val_ppl=perplexity(val_nll),
-                   tokens_per_s=seg["tokens"] / max(seg["train_s"], 1e-9), elapsed=progress["elapsed"],
-                   lr=opt.param_groups[0]["lr"])
-        if math.isinf(row["train_ppl"]) or math.isinf(row["val_ppl"]) or (len(data.val_ids) > 1 and val_nll != val_nll):
-            diverged(f"epoch {row['epoch']:.2f}", f"the perplexity is {row['train_ppl']} (train), {row['val_ppl']} (val)")
-        seg.update(loss=0.0, tokens=0, train_s=0.0)
-        # the row goes first: the checkpoint records how much of metrics.jsonl is its own
-        checkpoint.append_metrics(out, {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                                        for k, v in row.items()})
-        save(carried)
-        bar.console.print(
-            f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  val ppl {row['val_ppl']:.3f}  "
-            f"{row['tokens_per_s']:,.0f} tok/s  lr {row['lr']:.2e}  {row['elapsed']:.0f}s", highlight=False)
-        for p in prefixes:
-            bar.console.print(f"  {predict(model, vocab, p, config.predict_length)!r}", highlight=False, markup=False)
-        if on_epoch is not None:
-            on_epoch(row)
-        return row
-
-    def diverged(where: str, what: str):
-        kept = checkpoint.find(out) if (out / checkpoint.CHECKPOINT).exists() else None
-        raise GrulabError(f"training diverged at {where}: {what}; "
-                          + (f"the last good checkpoint is kept in {kept}; " if kept else "no checkpoint was saved; ")
-                          + "lower --lr or set --clip")
-
-    done = False
-    with bar, StopOnSignal() as interrupt:
-        while not done:
-            epoch = progress["epoch"] + 1
-            if config.epochs and epoch > config.epochs:
-                break
-            batch_gen.set_state(epoch_gen_state)  # the epoch's batches, reproducible on resume
-            if progress["batch"] == 0:
-                state = None
-            task = bar.add_task("train", total=per_epoch, epoch=epoch, loss=float("nan"), completed=progress["batch"])
-            for i, (X, Y) in enumerate(batches(data.train_ids, config.batch_size, config.num_steps, batch_gen)):
-                if i < progress["batch"]:
-                    continue  # resuming mid-epoch: these batches were trained on
-                if interrupt.requested:  # Ctrl-C, SIGTERM, SIGHUP: stop between batches, where the state is consistent
-                    progress["elapsed"] = time.perf_counter() - start_time
-                    save(state)
-                    bar.stop()
-                    _log(f"interrupted: checkpoint saved to {out / checkpoint.CHECKPOINT}; "
-                         f"continue with: grulab train --resume --out {out}")
-                    raise interrupt.interrupt()
-                t0 = time.perf_counter()
-                if budget_s and t0 - start_time >= budget_s:
-                    done = True
-                    break
-                # state: carried (detached) for sequential batches, fresh for random ones
-                state = detach_state(state) if config.sampling == "sequential" else None
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(config, budget_progress(t0 - start_time, progress["step"]))
-                logits, state = model(X, state)  # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
-                if not torch.isfinite(loss):
-                    diverged(f"epoch {epoch}, batch {i + 1}", f"the loss is {loss.item()}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, config.clip)
-                opt.step()
-                state = detach_state(state)
-                progress["batch"] = i + 1
-                progress["step"] += 1
-                progress["tokens"] += Y.numel()
-                seg["loss"] += loss.item() * Y.numel()
-                seg["tokens"] += Y.numel()
-                seg["train_s"] += time.perf_counter() - t0
-                bar.update(task, advance=1, loss=loss.item())
-                if config.eval_every and progress["step"] % config.eval_every == 0 and progress["batch"] < per_epoch:
-                    last = checkpoint_and_report(epoch - 1 + progress["batch"] / per_epoch, state)
-            bar.remove_task(task)
-            # ---------------------------------------------------------- end of epoch (or of the budget)
-            if progress["batch"] >= per_epoch:
-                progress["epoch"], progress["batch"] = epoch, 0
-                epoch_gen_state = batch_gen.get_state()  # the next epoch starts from here
-                state = None
-            if seg["tokens"]:
-                last = checkpoint_and_report(epoch - 1 + (progress["batch"] or per_epoch) / per_epoch, state)
-            elif done or progress["batch"]:
-                break
-    if not last:
-        _log(f"nothing to train: the run's budget ({config.epochs or '-'} epochs, {config.max_minutes:g} minutes) "
-             f"is used up; give a larger --epochs or --max-minutes")
-        return last
-    plot_metrics(metrics_path, out / "perplexity.png")
-    return last
-
-
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def perplexity_axis(ax, xlabel: str, ylabel: str) -> None:
-    """A log-scale perplexity axis with plain-number ticks, a grid and a legend."""
-    from matplotlib.ticker import ScalarFormatter
-
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-
-
-def plot_metrics(metrics_path: Path, png_path: Path) -> Optional[Path]:
-    """Training and validation perplexity against epoch, as a PNG."""
-    rows = read_metrics(metrics_path)
-    if not rows:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["epoch"] for r in rows], [r["train_ppl"] for r in rows], marker="o", label="train")
-    ax.plot([r["epoch"] for r in rows], [r["val_ppl"] for r in rows], marker="o", label="validation")
-    perplexity_axis(ax, "epoch", "perplexity")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+def _log(msg: str) -> None:
+    print(msg, flush=True)

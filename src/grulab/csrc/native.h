@@ -1,0 +1,61 @@
+// The torch side of the native GRU: tensors in, checks, scratch, the big
+// batched GEMMs, and a call into one instruction set's loops (kernels.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace grulab {
+
+using at::Tensor;
+
+// Scratch buffers kept from call to call (scratch.cpp).
+enum ScratchSlot { kGx = 0, kDgx = 1, kDgh = 2, kPackHH = 3, kPackIH = 4, kPackCols = 5, kNumSlots = 6 };
+Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts);
+void release_scratch();
+
+// The kernel table for `isa`; raises a RuntimeError naming the CPU's choices if it cannot run.
+const IsaOps& ops_for(const std::string& isa);
+
+// Threads for the time loop: torch's intra-op count, unless a step is so small
+// that a barrier per step costs more than it saves.
+inline int loop_threads(int64_t B, int64_t H) {
+  const int64_t macs_per_step = 3 * B * H * H;
+  if (macs_per_step < (1 << 16)) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / 8)));
+}
+
+// C = beta * C + A @ B on 2-D (possibly strided / transposed) views, all of torch's threads.
+inline void gemm(const Tensor& A, const Tensor& B, Tensor& C, double beta) {
+  if (C.numel() == 0) return;
+  if (beta == 0.0) {
+    at::mm_out(C, A, B);
+  } else {
+    C.addmm_(A, B, beta, 1.0);
+  }
+}
+
+void check_native_args(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                       const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh);
+
+std::vector<Tensor> gru_forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                const Tensor& w_hh, const std::optional<Tensor>& b_ih,
+                                const std::optional<Tensor>& b_hh, bool reset_after, bool save,
+                                const std::string& isa);
+Tensor gru_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
+                bool reset_after, const std::string& isa);
+std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out,
+                                 const std::optional<Tensor>& grad_hT, const Tensor& x,
+                                 const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                                 const Tensor& out, const Tensor& saved, bool reset_after,
+                                 bool has_b_ih, bool has_b_hh, bool need_x, bool need_h0,
+                                 const std::string& isa);
+
+}  // namespace grulab

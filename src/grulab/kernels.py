@@ -1,0 +1,177 @@
+"""Which GRU kernel runs, and why: the one place that decides.
+
+Every kernel says what it supports and, if it cannot run a call, why not (as
+xformers' ops do). :func:`select` walks the candidates of an ``impl`` in order
+of preference and returns the first that can run; :func:`explain` returns the
+whole table, and ``grulab kernels`` prints it.
+
+========================  ======================================================
+kernel                    what it is
+========================  ======================================================
+``native-avx512``         csrc/ loops compiled for AVX-512 (CPU, float32/64)
+``native-avx2``           csrc/ loops compiled for AVX2 + FMA, packed-weight
+                          micro-kernels for float32 reset-after (CPU, float32/64)
+``native-generic``        csrc/ loops for any x86-64 CPU (CPU, float32/64)
+``fused-torch``           the fused algorithm in torch ops (any device and dtype)
+``torch``                 torch.nn.GRU's own kernels, cuDNN on CUDA (reset-after only)
+``reference``             grulab.reference, the notes' equations line by line
+========================  ======================================================
+
+``impl="fused"`` means the first of the native kernels this CPU runs, else
+``fused-torch``; ``impl="auto"`` means ``torch`` (cuDNN) on CUDA for the
+reset-after cell and the ``fused`` choice everywhere else.
+
+``GRULAB_KERNEL=<kernel>`` forces the kernel of every fused call (tests use it
+to run each path the machine can run); forcing one that cannot run raises a
+RuntimeError that says why.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import native
+
+ENV = "GRULAB_KERNEL"
+_FLOAT_NATIVE = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a call needs: the device type ("cpu", "cuda", ...), the dtype and the cell form."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    reset_after: bool = True
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    impl: str  # the grulab.GRU ``impl`` family it belongs to: "fused", "torch" or "reference"
+    doc: str
+    why_not: Callable[[Query], Optional[str]]  # None if it can run the query, else the reason
+
+
+def _native(isa: str) -> Callable[[Query], Optional[str]]:
+    def why_not(q: Query) -> Optional[str]:
+        if q.device != "cpu":
+            return f"CPU tensors only (got {q.device})"
+        if q.dtype not in _FLOAT_NATIVE:
+            return f"float32 and float64 only (got {str(q.dtype).replace('torch.', '')})"
+        mod = native.load()
+        if mod is None:
+            return f"native extension unavailable ({native.error()})"
+        if not mod.cpu_supports(isa):
+            return f"this CPU lacks {isa.upper()}"
+        return None
+
+    return why_not
+
+
+def _fused_torch(q: Query) -> Optional[str]:
+    return None if q.dtype.is_floating_point else f"floating dtypes only (got {q.dtype})"
+
+
+def _torch(q: Query) -> Optional[str]:
+    return None if q.reset_after else "computes only the reset-after cell"
+
+
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("native-avx512", "fused", "C++ loops compiled for AVX-512", _native("avx512")),
+    Kernel("native-avx2", "fused", "C++ loops for AVX2+FMA, packed micro-kernels", _native("avx2")),
+    Kernel("native-generic", "fused", "C++ loops for any x86-64 CPU", _native("generic")),
+    Kernel("fused-torch", "fused", "the fused algorithm in torch ops", _fused_torch),
+    Kernel("torch", "torch", "torch.nn.GRU's kernels (cuDNN on CUDA)", _torch),
+    Kernel("reference", "reference", "the notes' equations, autograd", lambda q: None),
+)
+BY_NAME = {k.name: k for k in KERNELS}
+
+
+def forced() -> Optional[str]:
+    """The kernel forced by ``GRULAB_KERNEL``, if any (checked against the known names)."""
+    name = os.environ.get(ENV, "").strip()
+    if not name:
+        return None
+    if name not in BY_NAME or BY_NAME[name].impl != "fused":
+        choices = ", ".join(k.name for k in KERNELS if k.impl == "fused")
+        raise ValueError(f"{ENV}={name!r} is not a fused kernel; expected one of {choices}")
+    return name
+
+
+def _candidates(impl: str, q: Query) -> list[Kernel]:
+    if impl == "auto":
+        impl = "torch" if q.device == "cuda" and q.reset_after else "fused"
+    return [k for k in KERNELS if k.impl == impl]
+
+
+def explain(impl: str = "auto", query: Query = Query()) -> list[tuple[Kernel, Optional[str], bool]]:
+    """Every candidate of ``impl`` for ``query``: (kernel, why it cannot run or None, chosen)."""
+    chosen = select(impl, query)
+    return [(k, k.why_not(query), k.name == chosen.name) for k in _candidates(impl, query)]
+
+
+def _select(impl: str, device: str, dtype: torch.dtype, reset_after: bool, force: Optional[str]) -> str:
+    q = Query(device, dtype, reset_after)
+    cands = _candidates(impl, q)
+    if force is not None and cands and cands[0].impl == "fused":
+        reason = BY_NAME[force].why_not(q)
+        if reason is not None:
+            raise RuntimeError(f"grulab: {ENV}={force} cannot run here: {reason}; "
+                               f"unset {ENV} or pick another kernel (grulab kernels lists them)")
+        return force
+    for k in cands:
+        if k.why_not(q) is None:
+            return k.name
+    raise RuntimeError(f"grulab: no {impl} GRU kernel can run on {device} {dtype}")
+
+
+_cache: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def select_name(impl: str, device: str, dtype: torch.dtype, reset_after: bool) -> str:
+    """The name of the kernel that runs ``impl`` for this call (cached per signature)."""
+    force = forced()
+    key = (impl, device, dtype, reset_after, force)
+    name = _cache.get(key)
+    if name is None:
+        name = _cache[key] = _select(impl, device, dtype, reset_after, force)
+    return name
+
+
+def select(impl: str = "auto", query: Query = Query()) -> Kernel:
+    """The kernel that runs ``impl`` ("auto", "fused", "torch", "reference") for ``query``."""
+    return BY_NAME[select_name(impl, query.device, query.dtype, query.reset_after)]
+
+
+def report(query: Query = Query()) -> str:
+    """A plain-text table: the CPU, where the native extension came from, and each kernel."""
+    lines = [f"CPU: {_cpu_model()}"]
+    mod = native.load()
+    lines.append(f"native extension: {native.origin} " if mod is not None
+                 else f"native extension: unavailable ({native.error()})")
+    lines.append(f"query: device={query.device} dtype={str(query.dtype).replace('torch.', '')} "
+                 f"reset_after={query.reset_after}" + (f"  ({ENV}={os.environ[ENV]})" if os.environ.get(ENV) else ""))
+    for impl in ("auto", "fused"):
+        lines.append(f"impl={impl!r}:")
+        for k, why, chosen in explain(impl, query):
+            mark = "->" if chosen else "  "
+            lines.append(f"  {mark} {k.name:<15} {'runs' if why is None else 'no: ' + why}   ({k.doc})")
+    return "\n".join(lines)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -1,0 +1,139 @@
+"""NaN and ±Inf behave as in torch.nn.GRU, on every fused kernel this machine can run.
+
+torch.nn.GRU is the reference: for a NaN or Inf placed in the input, h0 or any
+parameter, every kernel must give the same pattern of NaN / +Inf / −Inf /
+finite in the output, h_n and (for NaN) the gradients. Finite values are
+compared too, to the usual tolerance.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grulab import fused, kernels
+
+TIERS = [k.name for k in kernels.KERNELS if k.impl == "fused"]
+
+
+@pytest.fixture(params=TIERS)
+def tier(request) -> str:
+    why = kernels.BY_NAME[request.param].why_not(kernels.Query())
+    if why is not None:
+        pytest.skip(f"{request.param}: {why}")
+    return request.param
+
+
+def pattern(t: torch.Tensor) -> torch.Tensor:
+    """0 finite, 1 NaN, 2 +Inf, 3 −Inf, elementwise."""
+    p = torch.zeros_like(t, dtype=torch.int8)
+    p[torch.isnan(t)] = 1
+    p[t == float("inf")] = 2
+    p[t == float("-inf")] = 3
+    return p
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    gp, wp = pattern(got), pattern(want)
+    assert torch.equal(gp, wp), (
+        f"{what}: NaN/Inf pattern differs at {int((gp != wp).sum())} of {gp.numel()} places "
+        f"(got {int((gp == 1).sum())} NaN, torch {int((wp == 1).sum())})")
+    fin = wp == 0
+    tol = 1e-9 if got.dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got[fin], want[fin], rtol=tol, atol=tol, msg=what)
+
+
+def torch_gru(I, H, dtype, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.GRU(I, H, dtype=dtype)
+
+
+# (where, index, value): one special value placed in one tensor
+CASES = [
+    ("x", (1, 0, 2), float("nan")),
+    ("x", (0, 1, 0), float("inf")),
+    ("x", (2, 0, 1), float("-inf")),
+    ("h0", (0, 3), float("nan")),
+    ("h0", (1, 2), float("inf")),
+    ("h0", (0, 0), float("-inf")),
+    ("weight_ih_l0", (5, 1), float("nan")),
+    ("weight_hh_l0", (7, 3), float("nan")),
+    ("weight_hh_l0", (2, 4), float("inf")),
+    ("bias_ih_l0", (4,), float("nan")),
+    ("bias_hh_l0", (30,), float("nan")),  # an n-gate bias (H = 12: rows 24..35)
+    ("bias_hh_l0", (3,), float("inf")),   # r gate saturates at 1
+    ("bias_ih_l0", (14,), float("-inf")), # z gate saturates at 0
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("where,index,value", CASES)
+def test_forward_and_backward_match_torch(tier, dtype, B, where, index, value):
+    T, I, H = 4, 5, 12
+    ref = torch_gru(I, H, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, dtype=dtype, generator=g)
+    h0 = torch.randn(1, B, H, dtype=dtype, generator=g)
+    if B == 1 and len(index) >= 2 and where in ("x", "h0"):
+        index = (index[0], 0, index[2]) if where == "x" else (0, index[1])
+    with torch.no_grad():
+        if where == "x":
+            x[index] = value
+        elif where == "h0":
+            h0[(0,) + index] = value
+        else:
+            getattr(ref, where)[index] = value
+    params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    xg, hg = x.clone().requires_grad_(), h0.clone().requires_grad_()
+    want_out, want_h = ref(xg, hg)
+    out, h_T = fused.gru_layer(x.clone().requires_grad_(), h0[0].clone().requires_grad_(), *params,
+                               reset_after=True, backend=tier)
+    assert_same(out, want_out, "output")
+    assert_same(h_T, want_h[0], "h_n")
+    if value != value:  # NaN: gradients carry it the same way
+        want = torch.autograd.grad(want_out.sum(), [*ref.parameters()], allow_unused=True)
+        got = torch.autograd.grad(out.sum(), params)
+        for name, w, gw in zip(["w_ih", "w_hh", "b_ih", "b_hh"], want, got):
+            assert torch.equal(torch.isnan(gw), torch.isnan(w)), f"NaN pattern of d{name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("where,index,value", CASES)
+def test_step_and_both_variants_match_the_reference_loop(tier, dtype, reset_after, where, index, value):
+    """Both cell forms (torch.nn.GRU has only reset-after): the notes' formulas in a plain loop."""
+    from grulab import reference
+
+    T, B, I, H = 3, 3, 5, 12
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, B, I, dtype=dtype, generator=g)
+    h0 = torch.randn(B, H, dtype=dtype, generator=g)
+    ref = torch_gru(I, H, dtype)
+    w = dict((n, p.detach().clone()) for n, p in ref.named_parameters())
+    if where == "x":
+        x[index] = value
+    elif where == "h0":
+        h0[index] = value
+    else:
+        w[where][index] = value
+    params = [w["weight_ih_l0"], w["weight_hh_l0"], w["bias_ih_l0"], w["bias_hh_l0"]]
+    want_out, want_h = reference.gru_layer(x, h0, *params, reset_after=reset_after)
+    out, h_T = fused.gru_layer(x, h0, *params, reset_after=reset_after, backend=tier)
+    assert_same(out, want_out, "output")
+    assert_same(h_T, want_h, "h_n")
+    step = fused.gru_step(x[0], h0, *params, reset_after=reset_after, backend=tier)
+    assert_same(step, want_out[0], "single step")
+
+
+def test_nan_weight_gives_nan_loss_in_the_language_model():
+    """The trainer's divergence check relies on a NaN weight giving a NaN loss."""
+    from grulab.model import LanguageModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=11, hidden=16))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "weight_hh" in n)[3, 2] = float("nan")
+    tokens = torch.randint(0, 11, (4, 9))
+    logits, _ = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), tokens.reshape(-1))
+    assert torch.isnan(loss)
