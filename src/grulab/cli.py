@@ -108,8 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     last = train(config)
     if last:
-        print(f"done: val perplexity {last['val_ppl']:.3f}, train perplexity {last['train_ppl']:.3f}, "
-              f"checkpoint in {Path(config.out) / 'checkpoint'}")
+        val = f"val perplexity {last['val_ppl']:.3f}, " if last["val_ppl"] is not None else ""
+        print(f"done: {val}train perplexity {last['train_ppl']:.3f}, checkpoint in {Path(config.out) / 'checkpoint'}")
     return 0
 
 
@@ -120,7 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import check_sampling, generate
 
     with _flag_errors():
-        check_sampling(args.length, args.temperature, args.top_k, args.top_p)
+        check_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = checkpoint.load(Path(args.dir))
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prefix = args.prefix if args.prefix is not None else "\n"
@@ -139,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import checkpoint
     from .data import d2l_preprocess, encode_warning, load_corpus, tokenize
     from .train import evaluate
+    from .validate import finite_perplexity
 
     ckpt = checkpoint.load(Path(args.dir))
     text = load_corpus(args.textfile)
@@ -149,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise GrulabError(f"{args.textfile} has {len(tokens)} token(s); evaluation needs at least 2")
     nll, n = evaluate(ckpt.model, ids, 32, int(ckpt.train.get("num_steps", 64)))
-    result = {"perplexity": math.exp(nll), "bits_per_token": nll / math.log(2), "tokens": n}
+    result = {"perplexity": finite_perplexity(nll, args.textfile), "bits_per_token": nll / math.log(2), "tokens": n}
     if args.json:
         print(json.dumps(result))
     else:
@@ -175,24 +176,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     with _flag_errors():
         runs = compare.configs(base, args.cells, args.sweep)
-    compare.run(runs, Path(base.out), args.target_ppl)
+    compare.run(runs, Path(base.out), args.target_ppl, overwrite=base.overwrite)
     return 0
 
 
+DEMO_MARK = ".grulab-demo"  # in a directory the austen demo trained in: the next demo may replace it
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import rundir
+
+    out = Path(args.out)
     if args.name == "cat-mouse":
         from . import catmouse
 
-        catmouse.run(out_dir=Path(args.out))
+        with rundir.claim(out, run_files=()):  # one process at a time; it rewrites its own catmouse.png
+            catmouse.run(out_dir=out)
         return 0
     from .generate import generate
     from .train import TrainConfig, train
     from . import checkpoint
 
-    out = Path(args.out)
+    held = [name for name in rundir.TRAIN_FILES if (out / name).exists()]
+    if held and not (out / DEMO_MARK).exists():
+        raise GrulabError(f"--out {out} holds a run that is not a demo's ({', '.join(held)}); the demo replaces only "
+                          "its own earlier demo: give another --out")
     print(f"grulab demo: training a character-level GRU on Jane Austen for {args.minutes:g} minutes (Ctrl-C stops early)")
-    train(TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out),
-                      prefixes=["Elizabeth ", "It is a truth "]))
+    config = TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out), overwrite=True,
+                         prefixes=["Elizabeth ", "It is a truth "])
+    rundir.make_dir(out)
+    (out / DEMO_MARK).touch()
+    train(config)
     ckpt = checkpoint.load(out)
     print("\nsample (temperature 0.7):\n")
     import torch
@@ -305,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("viz", help="colour a text by the GRU's gates (HTML page or PNG heatmap)")
     p.add_argument("dir", help="run directory of a GRU model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="the text to run the model over")
-    src.add_argument("--file", help="a UTF-8 text file to run the model over")
+    src.add_argument("--text", help="the text to run the model over; a long text is cut to its start, with a "
+                     "warning: the page shows at most 10,000 tokens and stays under 20 MB (about 5,900 tokens for a 1×384 GRU)")
+    src.add_argument("--file", help="a UTF-8 text file to run the model over (cut as --text is)")
     p.add_argument("--out", default="gates.html",
                    help="an .html file (interactive page) or a .png file (heatmap) (default: %(default)s)")
     p.set_defaults(func=cmd_viz)
@@ -315,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="austen", choices=["austen", "cat-mouse"],
                    help="which demo (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=2.0, help="training budget for the austen demo (default: %(default)s)")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="output directory; a second demo replaces the first one's "
+                   "files there, and a directory holding another run is refused (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed)")
@@ -338,9 +354,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GrulabError as e:
         print(f"grulab: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("grulab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.signals.Stopped
+        code = getattr(e, "exit_code", 130)
+        print("grulab: interrupted" if code == 130 else f"grulab: stopped by {e}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         return 0
 

@@ -444,9 +444,13 @@ class Vocab:
         vocab._set_tokens(list(tokens))
         return vocab
 
+    def to_json(self) -> str:
+        """The vocabulary as JSON text (non-ASCII kept readable), as :meth:`save` writes it."""
+        return json.dumps(self.to_dict(), ensure_ascii=False) + "\n"
+
     def save(self, path: Union[str, Path]) -> None:
-        """Write the vocabulary as JSON (UTF-8, non-ASCII kept readable)."""
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
+        """Write the vocabulary as JSON (UTF-8)."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Vocab":
@@ -457,6 +461,9 @@ class Vocab:
             raise GrulabError(f"vocabulary file {what}: {p}; give the vocab.json saved with the model")
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:  # e.g. permission denied
+            raise GrulabError(f"cannot read the vocabulary {p}: {exc.strerror}; "
+                              f"check the file's permissions") from None
         except UnicodeDecodeError as exc:
             raise GrulabError(f"{p} is not a grulab vocabulary (not UTF-8 text, offset {exc.start}); "
                               f"give the vocab.json saved with the model") from exc
@@ -495,9 +502,12 @@ def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
 
 
 def check_sampling(length: int = 0, temperature: float = 0.0, top_k: Optional[int] = None,
-                   top_p: Optional[float] = None) -> None:
-    """ConfigError naming the first argument of :func:`generate` that is out of range."""
+                   top_p: Optional[float] = None, seed: Optional[int] = None) -> None:
+    """ConfigError naming the first argument of :func:`generate` (or the generator's seed) that is out of range."""
+    from .config import SEED
+
     for name, value, ok, want in [
+        ("seed", seed, seed is None or SEED.ok(seed), SEED.want),
         ("length", length, length >= 0, "an integer >= 0"),
         ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
         ("top_k", top_k, top_k is None or top_k >= 1, "an integer >= 1"),

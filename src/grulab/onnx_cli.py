@@ -101,11 +101,11 @@ def max_difference(model, path: Path, batch: int = 3, length: int = 17, seed: in
 def cmd_generate_onnx(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .data import Vocab, check_sampling
+    from .data import check_sampling
     from .onnx_generate import OnnxLanguageModel, generate
 
     try:
-        check_sampling(args.length, args.temperature, args.top_k, args.top_p)
+        check_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
     except ConfigError as e:  # named as the parameter (top_k); told as the flag (--top-k)
         raise UsageError(f"--{e.name.replace('_', '-')} must be {e.want}, got {e.value!r}") from None
     try:
