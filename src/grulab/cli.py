@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
@@ -95,8 +96,12 @@ def config_from_args(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, resume_config, train
+    from . import distributed, validate
+    from .train import TrainConfig, resume_config
 
+    validate.check_flags(_given(args, TrainConfig), validate.TRAIN_FIELDS)  # issue 11: ranges before anything is built
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be a positive integer, got {args.nproc}")
     if getattr(args, "resume", False):
         if args.preset:
             raise UsageError("--preset cannot change on --resume: the run keeps its settings")
@@ -106,21 +111,76 @@ def cmd_train(args: argparse.Namespace) -> int:
             config = resume_config(given.pop("out", TrainConfig().out), **given)
     else:
         config = config_from_args(args)
-    last = train(config)
-    if last:
+    if args.nproc > 1 and not distributed.under_torchrun():  # one machine, N processes: torchrun does the rest
+        code = distributed.launch(args.nproc, _without_nproc(args.argv))
+        return 128 - code if code < 0 else code
+    dist = distributed.setup(config.timeout)
+    try:
+        last = _train_claimed(config, args.overwrite, dist)
+    finally:
+        distributed.teardown()
+    if last and dist.main:
         print(f"done: val perplexity {last['val_ppl']:.3f}, train perplexity {last['train_ppl']:.3f}, "
               f"checkpoint in {Path(config.out) / 'checkpoint'}")
     return 0
 
 
+def _train_claimed(config, overwrite: bool, dist) -> dict:
+    """train(config) with the run directory claimed by rank 0 (issue 11's lock).
+
+    A torchrun restart of the job that started the run (``--max-restarts``) resumes it from its checkpoint.
+    """
+    from . import checkpoint, distributed, rundir
+    from .train import train
+
+    out, claim, error, resume = Path(config.out), None, None, False
+    if dist.main:
+        try:
+            again = distributed.restarted(out)
+            resume = config.resume or (again and (out / checkpoint.CHECKPOINT).exists())
+            claim = rundir.claim(out, resume=resume, overwrite=overwrite or (again and not resume))
+            if not resume:
+                distributed.mark_job(out)
+        except GrulabError as e:
+            error = e
+    resume, failed = dist.max(float(dist.main and resume), float(error is not None))
+    if failed:
+        if error is not None:
+            raise error
+        raise SystemExit(1)  # rank 0 said why
+    if resume and not config.resume:
+        if dist.main:
+            print(f"grulab: restarted by torchrun: resuming the run in {out}", flush=True)
+        config = replace(config, resume=True)
+    try:
+        return train(config)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line with --nproc N taken out (torchrun's workers run the rest)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint
+    from . import checkpoint, validate
     from .generate import check_sampling, generate
 
     with _flag_errors():
         check_sampling(args.length, args.temperature, args.top_k, args.top_p)
+    validate.check_flag("seed", args.seed, validate.SEED)  # issue 11
     ckpt = checkpoint.load(Path(args.dir))
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prefix = args.prefix if args.prefix is not None else "\n"
@@ -136,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint
+    from . import checkpoint, validate
     from .data import d2l_preprocess, encode_warning, load_corpus, tokenize
     from .train import evaluate
 
@@ -149,7 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise GrulabError(f"{args.textfile} has {len(tokens)} token(s); evaluation needs at least 2")
     nll, n = evaluate(ckpt.model, ids, 32, int(ckpt.train.get("num_steps", 64)))
-    result = {"perplexity": math.exp(nll), "bits_per_token": nll / math.log(2), "tokens": n}
+    ppl = validate.finite_perplexity(nll, args.textfile)  # issue 11: a NaN perplexity exits 1
+    result = {"perplexity": ppl, "bits_per_token": nll / math.log(2), "tokens": n}
     if args.json:
         print(json.dumps(result))
     else:
@@ -252,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a character- or word-level language model. Flags override --preset.")
     p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
     _add_config_flags(p, {})
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (issue 11)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine: runs torchrun --standalone --nproc-per-node N "
+                   "(for several machines, run torchrun yourself; see the README) (default: 1)")
     p.set_defaults(func=cmd_train, config_defaults={})
 
     p = sub.add_parser("generate", help="continue a prefix with a trained model")
@@ -306,17 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _me() -> str:
+    """Who speaks in an error line: grulab, with the rank on the other processes of a torchrun run."""
+    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
+    return "grulab" if rank == "0" else f"grulab (rank {rank})"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return args.func(args)
     except GrulabError as e:
-        print(f"grulab: error: {e}", file=sys.stderr)
+        print(f"{_me()}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("grulab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP via grulab.signals.Stopped (issue 11)
+        code = getattr(e, "exit_code", 130)
+        print(f"{_me()}: interrupted" if code == 130 else f"{_me()}: stopped by {e}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         return 0
 

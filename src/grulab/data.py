@@ -440,9 +440,13 @@ class Vocab:
         vocab._set_tokens(list(tokens))
         return vocab
 
+    def to_json(self) -> str:
+        """The vocabulary as JSON text (non-ASCII kept readable), as :meth:`save` writes it."""
+        return json.dumps(self.to_dict(), ensure_ascii=False) + "\n"
+
     def save(self, path: Union[str, Path]) -> None:
-        """Write the vocabulary as JSON (UTF-8, non-ASCII kept readable)."""
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
+        """Write the vocabulary as JSON (UTF-8)."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Vocab":
@@ -453,6 +457,9 @@ class Vocab:
             raise GrulabError(f"vocabulary file {what}: {p}; give the vocab.json saved with the model")
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:  # e.g. permission denied
+            raise GrulabError(f"cannot read the vocabulary {p}: {exc.strerror}; "
+                              f"check the file's permissions") from None
         except UnicodeDecodeError as exc:
             raise GrulabError(f"{p} is not a grulab vocabulary (not UTF-8 text, offset {exc.start}); "
                               f"give the vocab.json saved with the model") from exc

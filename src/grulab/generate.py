@@ -48,6 +48,9 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     """Pick the next token from logits (B, V) -> ids (B,). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
+    # below the dtype's smallest normal number a temperature is as greedy as that number
+    # (and would round to 0 in float32, making 0/0 of the top logit)
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V); max 0, so no overflow
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -80,7 +83,10 @@ def generate(model: LanguageModel, vocab: Vocab, prefix: str, length: int, tempe
     logits = logits[:, -1]  # (1, V)
     sep = "" if vocab.level == "char" else " "
     try:
-        for _ in range(length):
+        for i in range(length):
+            if not torch.isfinite(logits).all():
+                raise GrulabError(f"the model's output is not finite (NaN or Inf) at token {i + 1}: its weights "
+                                  "overflow on this input; use an earlier checkpoint or retrain with a lower --lr")
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
             yield sep + vocab.idx_to_token[int(nxt)]
             logits, state = model.step(nxt, state)  # (1, V)
