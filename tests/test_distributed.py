@@ -144,8 +144,6 @@ def test_checkpoint_round_trip_distributed_single_distributed(corpus, tmp_path):
     first = subprocess.run([sys.executable, "-m", "grulab", "train", "--nproc", "2", *flags(cfg)],
                            capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stdout + first.stderr
-    ckpt = checkpoint.load(run, with_training_state=True)
-    assert ckpt.extra["state_h"].shape == (1, 5, 16)  # the whole batch's carried state, gathered by rank 0
     gen = subprocess.run([sys.executable, "-m", "grulab", "generate", str(run), "--prefix", "the ", "--length", "5",
                           "--seed", "1"], capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0 and gen.stdout.startswith("the "), gen.stderr
@@ -181,11 +179,13 @@ def test_a_killed_rank_ends_the_run_with_a_clear_message(corpus, tmp_path):
         proc.kill()
     assert rc != 0 and time.monotonic() - t0 < 45
     assert "lost contact with the other processes" in text or "stopped by SIGTERM" in text, text
-    assert "Traceback" not in text.split("torch.distributed.elastic")[0], text  # our processes: one line each
+    assert "src/grulab/" not in text and "site-packages/grulab/" not in text, text  # no traceback of ours
     checkpoint.load(run, with_training_state=True)  # the last checkpoint is intact
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_saves(corpus, tmp_path):
+    """The save lands inside an epoch, with both ranks' carried state: resumed on one process to the
+    end of that epoch, the run ends with the weights of one that never stopped."""
     run, log = tmp_path / "run", tmp_path / "log"
     proc = torchrun(long_run(corpus, run), log=log)
     try:
@@ -202,6 +202,10 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_saves(corpus, tmp
     assert ckpt.extra["state_h"].shape[1] == 5  # both ranks' rows: they stopped at the same batch
     rows = read_metrics(run / "metrics.jsonl")
     assert ckpt.progress["step"] >= rows[-1]["step"]
+    epochs = ckpt.progress["epoch"] + 1
+    train(resume_config(run, epochs=epochs))  # one process, from the two processes' mid-epoch state
+    train(TrainConfig(**settings(corpus, tmp_path / "straight", epochs=epochs, eval_every=10)))
+    close_weights(weights(run), weights(tmp_path / "straight"))
 
 
 def test_an_elastic_restart_resumes_from_the_checkpoint(corpus, tmp_path):

@@ -154,6 +154,8 @@ def _train_claimed(config, overwrite: bool, dist) -> dict:
         config = replace(config, resume=True)
     try:
         return train(config)
+    except distributed.LostPeer as e:
+        raise distributed.LostPeer(f"{e}; the last checkpoint in {out} is intact: continue with --resume") from None
     finally:
         if claim is not None:
             claim.release()

@@ -23,10 +23,12 @@ a no-op and no collective runs.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -108,11 +110,27 @@ def current() -> Dist:
 
 
 def _collective(fn, *args, **kwargs):
-    try:
+    with talking():
         return fn(*args, **kwargs)
-    except (RuntimeError, dist.DistError) as e:  # DistBackendError, DistNetworkError, gloo's RuntimeError
+
+
+@contextmanager
+def talking():
+    """Where the processes exchange data (collectives, DDP's backward): a failure of the transport
+    (a dead peer, a timeout) becomes LostPeer, one line; other errors pass unchanged."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if not (isinstance(e, dist.DistError) or any(w in str(e) for w in ("gloo", "Gloo", "NCCL", "Connection"))):
+            raise
         raise LostPeer(f"rank {dist.get_rank()}: lost contact with the other processes of the run "
-                       f"({str(e).strip().splitlines()[0][:200]}): a process died or the network failed") from None
+                       f"({_first_sentence(e)}): a process died or the network failed") from None
+
+
+def _first_sentence(e: BaseException) -> str:
+    """'Read error [127.0.0.1]:56522: Connection reset by peer' out of gloo's '[.../pair.cc:537] Read error ... . This is ...'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [type(e).__name__])[0])
+    return text.split(". ")[0][:200]
 
 
 def under_torchrun() -> bool:
@@ -120,21 +138,35 @@ def under_torchrun() -> bool:
 
 
 def setup(timeout: float) -> Dist:
-    """Join the process group torchrun describes (gloo on CPU; NCCL when the process has a CUDA device).
+    """Join the process group torchrun describes: gloo for CPU tensors, and NCCL for CUDA tensors
+    where CUDA is available (each process on GPU ``LOCAL_RANK``).
 
     ``timeout`` (seconds) bounds every collective: if a rank dies, the others end within it.
     """
     if not under_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
         return current()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "gloo"
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        backend = "cpu:gloo,cuda:nccl"
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, store=_store(timeout), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout))
     except (RuntimeError, ValueError, dist.DistError) as e:
-        raise GrulabError(f"cannot join the distributed run ({str(e).strip().splitlines()[0][:200]}); "
+        raise GrulabError(f"cannot join the distributed run ({_first_sentence(e)}); "
                           "check torchrun's --rdzv-endpoint / --master-addr and that every node can reach it") from None
     return current()
+
+
+def _store(timeout: float) -> dist.Store:
+    """torchrun's key-value store (what ``init_method="env://"`` would use), under a prefix of its own
+    for each restart: otherwise a restarted group can read the addresses its dead predecessor left
+    there and fail to connect (seen with torch 2.13's --standalone and --max-restarts)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts it; else rank 0 does
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not agent and os.environ["RANK"] == "0", timeout=timedelta(seconds=timeout),
+                          multi_tenant=True)
+    return dist.PrefixStore(f"grulab/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown() -> None:

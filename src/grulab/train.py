@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import checkpoint, native, plots
-from .distributed import Dist, current
 from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option
 from .data import CORPORA, LEVELS, SAMPLERS, Dataset, build_dataset, min_tokens, num_batches
+from .distributed import Dist, current, talking
 from .errors import ConfigError, GrulabError, UsageError
 from .model import LanguageModel, ModelArgs, ModelConfig, State, count_parameters, detach_state
 from .signals import StopOnSignal
@@ -162,7 +162,7 @@ class RunState:
         torch's RNG (dropout) differs between processes."""
         rng = torch.Generator().manual_seed(seed)
         if dist.rank:
-            torch.manual_seed(seed + 1_000_003 * dist.rank)
+            torch.manual_seed((seed + 1_000_003 * dist.rank) % 2**64)
         return cls(rng=rng, epoch_rng=rng.get_state())
 
     @classmethod
@@ -177,7 +177,7 @@ class RunState:
         if "torch_rng" in extra:
             torch.set_rng_state(extra["torch_rng"])
         if dist.rank:
-            torch.manual_seed(seed + 1_000_003 * dist.rank + run.step)
+            torch.manual_seed((seed + 1_000_003 * dist.rank + run.step) % 2**64)
         if "state_h" in extra:
             carried = (extra["state_h"], extra["state_c"]) if "state_c" in extra else (extra["state_h"],)
             rows = dist.rows(carried[0].shape[1])
@@ -235,7 +235,8 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
     model = resumed_model(config, resumed) if resumed else LanguageModel(config.model_config(len(data.vocab)))
     model.train()
     native.load()  # the kernel is ready (built at install, else now) before the clock starts
-    net = model if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(model)  # averages the gradients
+    with talking():  # DDP broadcasts rank 0's weights, then averages the gradients at each backward
+        net = model if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(config, model, resumed)
     run = RunState.restore(resumed, config.seed, dist) if resumed else RunState.start(config.seed, dist)
     if dist.main:
@@ -365,7 +366,8 @@ def train_step(config: TrainConfig, model: torch.nn.Module, optimizer: torch.opt
     if not math.isfinite(total):
         raise diverged(config, f"epoch {run.epoch + 1}, batch {run.batch + 1}", f"the loss is {total / tokens}")
     optimizer.zero_grad(set_to_none=True)
-    (loss_sum * dist.world / tokens).backward()  # averaged over the processes: the global batch's mean loss
+    with talking():  # DDP averages the gradients over the processes during the backward
+        (loss_sum * dist.world / tokens).backward()  # so this is the global batch's mean loss
     if config.clip > 0:  # the same averaged gradients on every rank, so the same clipping
         torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.clip)
     optimizer.step()
