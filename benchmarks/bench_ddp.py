@@ -34,19 +34,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cores", type=int, default=os.cpu_count())
-    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--layouts", default=None, help="PROCSxTHREADS,... (default: 1xC,2xC/2,1x1 for C cores)")
     p.add_argument("--corpus", default="austen")
     p.add_argument("--max-tokens", type=int, default=100_000)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-steps", type=int, default=64)
     args = p.parse_args()
-    layouts = [(1, args.cores), (args.procs, max(1, args.cores // args.procs))]
+    layouts = ([tuple(int(v) for v in lay.split("x")) for lay in args.layouts.split(",")] if args.layouts
+               else [(1, args.cores), (2, max(1, args.cores // 2)), (1, 1)])
     results: dict[tuple[int, int], list[float]] = {lay: [] for lay in layouts}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for lay in (layouts if rep % 2 == 0 else layouts[::-1]):  # interleaved, alternating order
+            for lay in (layouts if rep % 2 == 0 else layouts[::-1]):  # interleaved, the order alternating
                 results[lay].append(run(lay, args, Path(tmp) / "run"))
                 print(f"rep {rep + 1}: {lay[0]} proc × {lay[1]} threads: {results[lay][-1]:,.0f} tok/s", flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")

@@ -70,18 +70,17 @@ class Dist:
 
     def max(self, *values: float) -> list[float]:
         """Each value's largest over the ranks (one all_reduce): a flag set on any rank is set on all."""
-        if self.world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
-        _collective(dist.all_reduce, t, op=dist.ReduceOp.MAX)
-        return t.tolist()
+        return self._reduce(values, dist.ReduceOp.MAX)
 
     def sum(self, *values: float) -> list[float]:
         """Each value summed over the ranks, in float64 (one all_reduce)."""
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def _reduce(self, values: Sequence[float], op) -> list[float]:
         if self.world == 1:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
-        _collective(dist.all_reduce, t, op=dist.ReduceOp.SUM)
+        _collective(dist.all_reduce, t, op=op)
         return t.tolist()
 
     def gather_rows(self, x: torch.Tensor, batch_size: int, dim: int = 1) -> torch.Tensor:
