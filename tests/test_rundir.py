@@ -230,9 +230,13 @@ def test_generate_and_eval_on_broken_weights_are_one_line(trained, capsys):
         (["eval", str(nan), corpus], 1, "are not finite"),
         (["generate", str(huge), "--length", "5", "--prefix", "the"], 1, "the model's output is not finite"),
         (["eval", str(huge), corpus], 1, "perplexity on " + corpus + " is nan"),
-        (["generate", str(trained / "run"), "--prefix", "the", "--seed", "99999999999999999999"], 2, "--seed 99999999999999999999 is out of range"),
-        (["train", "--corpus", corpus, "--out", str(trained / "x"), "--lr", "1e40"], 2, "--lr 1e+40 is out of range"),
-        (["train", "--corpus", corpus, "--out", str(trained / "x"), "--hidden", str(10**9)], 2, "--hidden 1000000000 is out of range"),
+        (["generate", str(trained / "run"), "--prefix", "the", "--seed", "99999999999999999999"], 2,
+         "--seed must be an integer in [0, 18446744073709551615] (what torch.manual_seed takes), got 99999999999999999999"),
+        (["train", "--corpus", corpus, "--out", str(trained / "x"), "--lr", "1e40"], 2,
+         "--lr must be a positive number up to 1e+30, got 1e+40"),
+        (["train", "--corpus", corpus, "--out", str(trained / "x"), "--hidden", str(10**9)], 2,
+         "--hidden must be a positive integer up to 65,536, got 1000000000"),
+        (["train", "--corpus", corpus, "--out", str(trained / "x"), "--seed", "-1"], 2, "--seed must be an integer in"),
     ]:
         assert main(argv) == code, argv
         err = error_lines(capsys.readouterr().err)
@@ -245,3 +249,112 @@ def test_a_tiny_temperature_is_greedy(trained, capsys):
     tiny = capsys.readouterr().out
     assert main(["generate", run, "--prefix", "the", "--length", "20", "--temperature", "0"]) == 0
     assert tiny == capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- phase 2: timed checkpoints
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_loses_at_most_one_checkpoint_interval(tmp_path, signum):
+    """Epochs far longer than the interval: the only saves before the signal are the timed ones."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(PATTERN * 100, encoding="utf-8")  # 4,000 batches an epoch: no report comes before the signal
+    run, interval = tmp_path / "run", 0.5 / 60  # half a second
+    proc = subprocess.Popen([*GRULAB, "train", "--corpus", str(corpus), "--out", str(run), *TINY, "--epochs", "1",
+                             "--checkpoint-every-minutes", str(interval)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    config = run / "checkpoint" / "config.json"
+    try:
+        wait_for(lambda: config.exists() and json.loads(config.read_text())["serial"] >= 2, proc, "second timed save")
+        time.sleep(0.3)
+        sent = time.time()
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    ck = checkpoint.load(run)
+    assert ck.progress["epoch"] == 0 and 0 < ck.progress["batch"] < 4000  # saved inside the epoch
+    assert read_metrics(run / "metrics.jsonl") == []  # timed saves write no metrics row
+    saved = checkpoint.find(run) / "config.json"
+    if signum == signal.SIGTERM:  # saved at the signal: nothing lost
+        assert proc.returncode == 143 and error_lines(stderr) == ["grulab: stopped by SIGTERM"]
+        assert saved.stat().st_mtime >= sent
+        return  # the SIGTERM test above resumes such a run
+    # SIGKILL: at most one interval (plus the batch and the save under way) before the kill
+    assert proc.returncode == -signal.SIGKILL
+    assert sent - saved.stat().st_mtime < interval * 60 + 1.0
+    # the run goes on from there (a few more batches, then the budget's report)
+    elapsed = ck.progress["elapsed"]
+    assert main(["train", "--resume", "--out", str(run), "--max-minutes", str((elapsed + 0.5) / 60)]) == 0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert len(rows) == 1 and rows[0]["step"] > ck.progress["step"]
+
+
+# ---------------------------------------------------------------------------- phase 2: --val-fraction 0
+def test_val_fraction_0_trains_on_training_perplexity_alone(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(PATTERN, encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--corpus", str(corpus), "--out", str(run), *TINY, "--epochs", "2", "--val-fraction", "0"]) == 0
+    out = capsys.readouterr().out
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["val_ppl"] is None and r["train_ppl"] > 1 for r in rows)
+    assert "val ppl" not in out and "train ppl" in out
+    assert f"done: train perplexity {rows[-1]['train_ppl']:.3f}" in out
+    # divergence is judged on the training loss
+    assert main(["train", "--corpus", str(corpus), "--out", str(tmp_path / "hot"), *TINY, "--epochs", "2",
+                 "--val-fraction", "0", "--lr", "1e29", "--clip", "0"]) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "training diverged" in err[0] and "lower --lr" in err[0]
+    # compare ranks by validation perplexity: refused up front
+    assert main(["compare", "--corpus", str(corpus), "--out", str(tmp_path / "cmp"), "--val-fraction", "0"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "grulab: error: --val-fraction 0: compare ranks the runs by validation perplexity; give a fraction > 0"]
+
+
+# ---------------------------------------------------------------------------- phase 2: --resume from anywhere
+def test_resume_from_another_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "corpus.txt").write_text(PATTERN, encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["train", "--corpus", "corpus.txt", "--out", "run", *TINY, "--epochs", "1"]) == 0
+    saved = checkpoint.load(tmp_path / "a" / "run").train["corpus"]
+    assert saved == str(tmp_path / "a" / "corpus.txt")
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["train", "--resume", "--out", "../a/run", "--epochs", "2", "--no-progress"]) == 0
+    assert [r["epoch"] for r in read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")] == [1, 2]
+
+
+# ---------------------------------------------------------------------------- phase 2: compare and demo
+def test_compare_claims_its_directory(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(PATTERN[:480], encoding="utf-8")
+    cmp = tmp_path / "cmp"
+    args = ["compare", "--corpus", str(corpus), "--out", str(cmp), *TINY, "--epochs", "1"]
+    assert main([*args, "--cells", "gru,rnn"]) == 0
+    assert (cmp / "rnn" / "checkpoint").is_dir()
+    capsys.readouterr()
+    assert main([*args, "--cells", "gru"]) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"grulab: error: --out {cmp} already holds a comparison (results.md"), err
+    assert err[0].endswith("); replace it with --overwrite, or give another --out"), err
+    assert main([*args, "--cells", "gru", "--overwrite"]) == 0
+    assert not (cmp / "rnn").exists() and (cmp / "gru" / "checkpoint").is_dir()  # nothing stale is left
+    assert "rnn" not in (cmp / "results.md").read_text()
+
+
+def test_demo_replaces_only_its_own_earlier_demo(trained, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(trained / "run", other)
+    assert main(["demo", "--out", str(other), "--minutes", "0.01"]) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and f"--out {other} holds a run that is not a demo's" in err[0] and "another --out" in err[0]
+    assert checkpoint.load(other).train["corpus"] == str(trained / "corpus.txt")  # untouched
+    # an earlier demo's directory (as the demo marks it) is replaced: running the demo twice just works
+    demo = tmp_path / "demo"
+    shutil.copytree(trained / "run", demo)
+    (demo / ".grulab-demo").touch()
+    assert main(["demo", "--out", str(demo), "--minutes", "0.01"]) == 0
+    assert checkpoint.load(demo).train["corpus"] == "austen"
+    assert len(read_metrics(demo / "metrics.jsonl")) == 1

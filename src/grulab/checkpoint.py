@@ -47,7 +47,7 @@ from safetensors.torch import save as safetensors_bytes
 from .data import Vocab
 from .errors import GrulabError
 from .model import LanguageModel, ModelConfig
-from .validate import MODEL_FIELDS, TRAIN_FIELDS, check_fields
+from .validate import check_section
 
 FORMAT = "grulab-checkpoint-1"
 CHECKPOINT = "checkpoint"
@@ -343,9 +343,12 @@ def load(path: Path, with_training_state: bool = False) -> Checkpoint:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise GrulabError(f"{cfg_path} is not a grulab checkpoint (format {config.get('format') if isinstance(config, dict) else None!r}, expected {FORMAT!r})")
     fix = "restore the config.json saved with the weights, or retrain"
-    check_fields(config.get("model"), MODEL_FIELDS, f"{cfg_path}: model", fix, required=("vocab_size",))
-    check_fields(config.get("train", {}), TRAIN_FIELDS, f"{cfg_path}: train", fix)
-    check_fields(config.get("progress", {}), {}, f"{cfg_path}: progress", fix)
+    from .train import TrainConfig  # train imports this module
+
+    check_section(config.get("model"), ModelConfig, f"{cfg_path}: model", fix)
+    check_section(config.get("train", {}), TrainConfig, f"{cfg_path}: train", fix)
+    if not isinstance(config.get("progress", {}), dict):
+        raise GrulabError(f"{cfg_path}: progress must be a JSON object; {fix}")
     try:
         model_config = ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:

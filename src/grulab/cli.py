@@ -96,10 +96,9 @@ def config_from_args(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed, validate
+    from . import distributed
     from .train import TrainConfig, resume_config
 
-    validate.check_flags(_given(args, TrainConfig), validate.TRAIN_FIELDS)  # issue 11: ranges before anything is built
     if args.nproc < 1:
         raise UsageError(f"--nproc must be a positive integer, got {args.nproc}")
     if getattr(args, "resume", False):
@@ -116,49 +115,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 - code if code < 0 else code
     dist = distributed.setup(config.timeout)
     try:
-        last = _train_claimed(config, args.overwrite, dist)
+        last = _train_elastic(config, dist)
     finally:
         distributed.teardown()
     if last and dist.main:
-        print(f"done: val perplexity {last['val_ppl']:.3f}, train perplexity {last['train_ppl']:.3f}, "
-              f"checkpoint in {Path(config.out) / 'checkpoint'}")
+        val = f"val perplexity {last['val_ppl']:.3f}, " if last["val_ppl"] is not None else ""
+        print(f"done: {val}train perplexity {last['train_ppl']:.3f}, checkpoint in {Path(config.out) / 'checkpoint'}")
     return 0
 
 
-def _train_claimed(config, overwrite: bool, dist) -> dict:
-    """train(config) with the run directory claimed by rank 0 (issue 11's lock).
-
-    A torchrun restart of the job that started the run (``--max-restarts``) resumes it from its checkpoint.
-    """
-    from . import checkpoint, distributed, rundir
+def _train_elastic(config, dist) -> dict:
+    """train(config); a torchrun restart of the job that started the run (``--max-restarts``) resumes
+    it from its checkpoint (or starts it again, if it died before its first one)."""
+    from . import checkpoint, distributed
     from .train import train
 
-    out, claim, error, resume = Path(config.out), None, None, False
-    if dist.main:
-        try:
-            again = distributed.restarted(out)
-            resume = config.resume or (again and (out / checkpoint.CHECKPOINT).exists())
-            claim = rundir.claim(out, resume=resume, overwrite=overwrite or (again and not resume))
-            if not resume:
-                distributed.mark_job(out)
-        except GrulabError as e:
-            error = e
-    resume, failed = dist.max(float(dist.main and resume), float(error is not None))
-    if failed:
-        if error is not None:
-            raise error
-        raise SystemExit(1)  # rank 0 said why
-    if resume and not config.resume:
+    out = Path(config.out)
+    again = dist.main and distributed.restarted(out)
+    again, resume = dist.max(float(again), float(again and (out / checkpoint.CHECKPOINT).exists()))
+    if again and not config.resume:
         if dist.main:
-            print(f"grulab: restarted by torchrun: resuming the run in {out}", flush=True)
-        config = replace(config, resume=True)
+            print(f"grulab: restarted by torchrun: {'resuming' if resume else 'starting again'} the run in {out}",
+                  flush=True)
+        config = replace(config, resume=bool(resume), overwrite=not resume)
     try:
         return train(config)
     except distributed.LostPeer as e:
         raise distributed.LostPeer(f"{e}; the last checkpoint in {out} is intact: continue with --resume") from None
-    finally:
-        if claim is not None:
-            claim.release()
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
@@ -177,12 +160,11 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint, validate
+    from . import checkpoint
     from .generate import check_sampling, generate
 
     with _flag_errors():
-        check_sampling(args.length, args.temperature, args.top_k, args.top_p)
-    validate.check_flag("seed", args.seed, validate.SEED)  # issue 11
+        check_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = checkpoint.load(Path(args.dir))
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prefix = args.prefix if args.prefix is not None else "\n"
@@ -198,9 +180,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint, validate
+    from . import checkpoint
     from .data import d2l_preprocess, encode_warning, load_corpus, tokenize
     from .train import evaluate
+    from .validate import finite_perplexity
 
     ckpt = checkpoint.load(Path(args.dir))
     text = load_corpus(args.textfile)
@@ -211,8 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise GrulabError(f"{args.textfile} has {len(tokens)} token(s); evaluation needs at least 2")
     nll, n = evaluate(ckpt.model, ids, 32, int(ckpt.train.get("num_steps", 64)))
-    ppl = validate.finite_perplexity(nll, args.textfile)  # issue 11: a NaN perplexity exits 1
-    result = {"perplexity": ppl, "bits_per_token": nll / math.log(2), "tokens": n}
+    result = {"perplexity": finite_perplexity(nll, args.textfile), "bits_per_token": nll / math.log(2), "tokens": n}
     if args.json:
         print(json.dumps(result))
     else:
@@ -238,24 +220,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     with _flag_errors():
         runs = compare.configs(base, args.cells, args.sweep)
-    compare.run(runs, Path(base.out), args.target_ppl)
+    compare.run(runs, Path(base.out), args.target_ppl, overwrite=base.overwrite)
     return 0
 
 
+DEMO_MARK = ".grulab-demo"  # in a directory the austen demo trained in: the next demo may replace it
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import rundir
+
+    out = Path(args.out)
     if args.name == "cat-mouse":
         from . import catmouse
 
-        catmouse.run(out_dir=Path(args.out))
+        with rundir.claim(out, run_files=()):  # one process at a time; it rewrites its own catmouse.png
+            catmouse.run(out_dir=out)
         return 0
     from .generate import generate
     from .train import TrainConfig, train
     from . import checkpoint
 
-    out = Path(args.out)
+    held = [name for name in rundir.TRAIN_FILES if (out / name).exists()]
+    if held and not (out / DEMO_MARK).exists():
+        raise GrulabError(f"--out {out} holds a run that is not a demo's ({', '.join(held)}); the demo replaces only "
+                          "its own earlier demo: give another --out")
     print(f"grulab demo: training a character-level GRU on Jane Austen for {args.minutes:g} minutes (Ctrl-C stops early)")
-    train(TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out),
-                      prefixes=["Elizabeth ", "It is a truth "]))
+    config = TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out), overwrite=True,
+                         prefixes=["Elizabeth ", "It is a truth "])
+    rundir.make_dir(out)
+    (out / DEMO_MARK).touch()
+    train(config)
     ckpt = checkpoint.load(out)
     print("\nsample (temperature 0.7):\n")
     import torch
@@ -315,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a character- or word-level language model. Flags override --preset.")
     p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
     _add_config_flags(p, {})
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (issue 11)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine: runs torchrun --standalone --nproc-per-node N "
                    "(for several machines, run torchrun yourself; see the README) (default: 1)")
@@ -352,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("viz", help="colour a text by the GRU's gates (HTML page or PNG heatmap)")
     p.add_argument("dir", help="run directory of a GRU model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="the text to run the model over")
-    src.add_argument("--file", help="a UTF-8 text file to run the model over")
+    src.add_argument("--text", help="the text to run the model over; a long text is cut to its start, with a "
+                     "warning: the page shows at most 10,000 tokens and stays under 20 MB (about 5,900 tokens for a 1×384 GRU)")
+    src.add_argument("--file", help="a UTF-8 text file to run the model over (cut as --text is)")
     p.add_argument("--out", default="gates.html",
                    help="an .html file (interactive page) or a .png file (heatmap) (default: %(default)s)")
     p.set_defaults(func=cmd_viz)
@@ -362,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="austen", choices=["austen", "cat-mouse"],
                    help="which demo (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=2.0, help="training budget for the austen demo (default: %(default)s)")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="output directory; a second demo replaces the first one's "
+                   "files there, and a directory holding another run is refused (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed)")
@@ -388,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except GrulabError as e:
         print(f"{_me()}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP via grulab.signals.Stopped (issue 11)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.signals.Stopped
         code = getattr(e, "exit_code", 130)
         print(f"{_me()}: interrupted" if code == 130 else f"{_me()}: stopped by {e}", file=sys.stderr)
         return code

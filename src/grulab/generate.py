@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from .config import SEED
 from .data import Vocab, encode_warning, tokenize
 from .errors import ConfigError, GrulabError
 from .model import LanguageModel
@@ -31,9 +32,10 @@ def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
 
 
 def check_sampling(length: int = 0, temperature: float = 0.0, top_k: Optional[int] = None,
-                   top_p: Optional[float] = None) -> None:
-    """ConfigError naming the first argument of :func:`generate` that is out of range."""
+                   top_p: Optional[float] = None, seed: Optional[int] = None) -> None:
+    """ConfigError naming the first argument of :func:`generate` (or the generator's seed) that is out of range."""
     for name, value, ok, want in [
+        ("seed", seed, seed is None or SEED.ok(seed), SEED.want),
         ("length", length, length >= 0, "an integer >= 0"),
         ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
         ("top_k", top_k, top_k is None or top_k >= 1, "an integer >= 1"),

@@ -42,7 +42,7 @@ class RunDir:
         self.release()
 
 
-def _make_dir(out: Path) -> None:
+def make_dir(out: Path) -> None:
     """Create ``out`` (and its parents); GrulabError with the reason if that cannot be done."""
     if out.exists() and not out.is_dir():
         raise GrulabError(f"--out {out} is a file, not a directory; give a directory path (it is created if missing)")
@@ -66,16 +66,16 @@ def _holder(fd: int) -> str:
 
 
 def claim(out: Path, resume: bool = False, overwrite: bool = False,
-          run_files: Sequence[str] = TRAIN_FILES) -> RunDir:
+          run_files: Sequence[str] = TRAIN_FILES, what: str = "a run") -> RunDir:
     """Create and lock the run directory ``out`` for this process.
 
     Refused in one line (GrulabError): ``out`` cannot be a directory or is not
-    writable; another process holds it; it already holds a run (any of
+    writable; another process holds it; it already holds ``what`` (any of
     ``run_files``) and neither ``resume`` nor ``overwrite`` is set.
-    ``overwrite`` deletes those files first.
+    ``overwrite`` deletes those files first. Only ``what="a run"`` offers ``--resume``.
     """
     out = Path(out)
-    _make_dir(out)
+    make_dir(out)
     try:
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
@@ -97,8 +97,9 @@ def claim(out: Path, resume: bool = False, overwrite: bool = False,
         present = [name for name in run_files if (out / name).exists()]
         if present and not resume:
             if not overwrite:
-                raise GrulabError(f"--out {out} already holds a run ({', '.join(present)}); continue it with "
-                                  "--resume, or replace it with --overwrite")
+                fixes = "continue it with --resume, or replace it with --overwrite" if what == "a run" else \
+                    "replace it with --overwrite, or give another --out"
+                raise GrulabError(f"--out {out} already holds {what} ({', '.join(present)}); {fixes}")
             for name in present:
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -24,17 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checkpoint, native, plots
-from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option
+from . import checkpoint, native, plots, rundir
+from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, up_to
 from .data import CORPORA, LEVELS, SAMPLERS, Dataset, build_dataset, min_tokens, num_batches
-from .distributed import Dist, current, talking
+from .distributed import Dist, current, mark_job, talking
 from .errors import ConfigError, GrulabError, UsageError
 from .model import LanguageModel, ModelArgs, ModelConfig, State, count_parameters, detach_state
-from .signals import StopOnSignal
+from .signals import StopOnSignal, Stopped
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
 METRICS = checkpoint.METRICS
+# Adam's float32 step, lr / (1 - beta1), overflows past ~3e37
+LEARNING_RATE = up_to(POSITIVE, 1e30)
 
 
 @dataclass
@@ -47,7 +50,9 @@ class TrainConfig(ModelArgs):
     level: str = option("char", "tokens: characters, or words and punctuation", choices=LEVELS)
     min_freq: int = option(0, "tokens seen fewer times become <unk>", rule=COUNT)
     d2l_text: bool = option(False, "the d2l preprocessing: lower case, letters only")
-    val_fraction: float = option(0.1, "the tail of the corpus held out for validation", rule=FRACTION)
+    val_fraction: float = option(0.1, "the tail of the corpus held out for validation; 0 = none: the reports "
+                                 "show training perplexity only, and divergence is judged on the training loss",
+                                 rule=FRACTION)
     max_tokens: int = option(0, "train on the first N tokens only (0 = all); d2l's load_data_time_machine "
                              "uses 10000", rule=COUNT)
     # batches
@@ -57,7 +62,7 @@ class TrainConfig(ModelArgs):
                            choices=SAMPLERS)
     # optimisation
     optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
-    lr: float = option(3e-3, "peak learning rate", rule=POSITIVE)
+    lr: float = option(3e-3, "peak learning rate", rule=LEARNING_RATE)
     schedule: str = option("cosine", "cosine (warm-up, then decay to lr/10 over the budget) or constant",
                            choices=SCHEDULES)
     clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE)
@@ -67,9 +72,15 @@ class TrainConfig(ModelArgs):
     max_minutes: float = option(3.0, "wall-clock budget in minutes (0 = until --epochs); with both, whichever "
                                 "ends first", rule=NON_NEGATIVE, resumable=True)
     # run
-    seed: int = option(0, "seeds the model init, the batches and dropout")
-    out: str = option("runs/latest", "run directory: checkpoint/, metrics.jsonl, perplexity.png")
+    seed: int = option(0, "seeds the model init, the batches and dropout", rule=SEED)
+    out: str = option("runs/latest", "run directory: checkpoint/, metrics.jsonl, perplexity.png; one run at a "
+                      "time, and a new run into one that holds a run is refused (see --resume, --overwrite)")
     resume: bool = option(False, "continue the run in --out where it stopped")
+    overwrite: bool = option(False, "replace the run already in --out (its checkpoint and metrics are deleted)")
+    checkpoint_every_minutes: float = option(
+        5.0, "also save a checkpoint after this many minutes without one, so that a hard kill (kill -9, power) "
+        "loses at most that much; Ctrl-C, SIGTERM and SIGHUP save at once (0 = at reports only)",
+        rule=NON_NEGATIVE, resumable=True)
     prefixes: list[str] = option([], "continued at every report", flag="--prefix",
                                  default_help="the first 8 tokens of the validation text", resumable=True)
     predict_length: int = option(60, "tokens predicted per prefix", rule=COUNT, resumable=True)
@@ -79,14 +90,16 @@ class TrainConfig(ModelArgs):
                             resumable=True)
     # processes (torchrun): --batch-size is the global batch, split across the processes
     threads: int = option(0, "compute threads per process (0 = PyTorch's default, or OMP_NUM_THREADS, which "
-                          "torchrun sets to 1 when it starts several processes)", rule=COUNT, resumable=True)
+                          "torchrun sets to 1 when it starts several processes)", rule=up_to(COUNT, 4096), resumable=True)
     timeout: float = option(300.0, "seconds a process waits for the others (runs under torchrun) before the run "
-                            "ends with an error", rule=POSITIVE, resumable=True)
+                            "ends with an error", rule=up_to(POSITIVE, 86400), resumable=True)
 
     def check(self) -> None:
         super().check()
         if self.epochs == 0 and self.max_minutes == 0:
             raise ConfigError("epochs", "> 0 when max_minutes is 0 (give the run a budget)", 0)
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "left out with --resume (continue the run, or replace it)", True)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(self, f.name) for f in fields(ModelArgs)})
@@ -133,7 +146,7 @@ def resume_config(out, **changes) -> TrainConfig:
     except GrulabError as e:
         raise GrulabError(f"the training config in {ckpt.path / 'config.json'} is not valid ({e}); "
                           "resume is not possible, start a new run in another --out") from None
-    return replace(saved, out=str(out), resume=True, **changes)
+    return replace(saved, out=str(out), resume=True, overwrite=False, **changes)
 
 
 @dataclass
@@ -217,19 +230,45 @@ class Meter:
 def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Train as ``config`` says; return the last report's metrics ({} if the budget was spent already).
 
-    ``on_epoch(row)`` is called after each report. Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and
-    raises signals.Stopped (a KeyboardInterrupt); a NaN or infinite loss raises GrulabError and keeps
-    the last good checkpoint.
+    ``on_epoch(row)`` is called after each report. The run directory is this process's while it
+    trains (:func:`grulab.rundir.claim`). Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and raises
+    :class:`grulab.signals.Stopped` (a KeyboardInterrupt); a NaN or infinite loss raises GrulabError
+    and keeps the last good checkpoint.
 
     Under torchrun (a process group set up, see :mod:`grulab.distributed`) every process runs this;
-    each trains on its rows of every batch and rank 0 alone writes and prints.
+    each trains on its rows of every batch, and rank 0 alone claims the run directory, writes and prints.
     """
     dist = current()
+    with claimed(config, dist):
+        return _train(with_absolute_corpus(config), on_epoch, dist)
+
+
+@contextmanager
+def claimed(config: TrainConfig, dist: Dist) -> Iterator[None]:
+    """The run directory, claimed by rank 0 (:func:`grulab.rundir.claim`); every rank learns whether it could."""
+    claim, error = None, None
+    if dist.main:
+        try:
+            claim = rundir.claim(Path(config.out), resume=config.resume, overwrite=config.overwrite)
+        except GrulabError as e:
+            error = e
+    if dist.max(float(error is not None))[0]:
+        raise error or GrulabError(f"rank 0 could not claim --out {config.out} (its message says why)")
+    if claim is None:
+        yield
+        return
+    with claim:
+        if not config.resume:
+            mark_job(Path(config.out))  # under torchrun: its restarts resume this run
+        yield
+
+
+def _train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]], dist: Dist) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     resumed = checkpoint.load(config.out, with_training_state=True) if config.resume else None
     if resumed is not None and dist.main:
-        checkpoint.trim_metrics(config.out, resumed)  # rows written after that save: their training is redone
+        checkpoint.trim_metrics(Path(config.out), resumed)  # rows written after that save: their training is redone
     torch.manual_seed(config.seed)
     data, per_epoch = load_data(config, resumed, dist)
     model = resumed_model(config, resumed) if resumed else LanguageModel(config.model_config(len(data.vocab)))
@@ -243,12 +282,13 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
         start_metrics(config, fresh=resumed is None)
         log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None, dist=dist)
     started, meter, last = time.perf_counter() - run.elapsed, Meter(), {}
+    saved = run.elapsed  # on the run's clock (agreed by all ranks): when the last checkpoint was written
     with progress_bar(config, per_epoch, dist) as bar, StopOnSignal() as interrupt:
         for X, Y in remaining_batches(config, data, run):
             # every rank decides alike (one all_reduce): stop at the same batch, the same clock for the schedule
             requested, elapsed = dist.max(float(interrupt.requested), time.perf_counter() - started)
             if requested:  # Ctrl-C, SIGTERM, SIGHUP: stop between batches, where the state is consistent
-                stop(config, model, data, optimizer, run, elapsed, bar, interrupt, dist)
+                stop(config, model, data, optimizer, run, elapsed, bar, interrupt.interrupt(), dist)
             if config.max_minutes and elapsed >= config.max_minutes * 60:
                 break  # the time budget is spent
             loss = train_step(config, net, optimizer, X, Y, run, meter, per_epoch, elapsed, dist)
@@ -256,6 +296,11 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
                        rate=f"{meter.tokens / max(meter.seconds, 1e-9):,.0f} tok/s")  # all processes together
             if run.batch == 0 or (config.eval_every and run.step % config.eval_every == 0):
                 last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch, dist)
+                saved = elapsed
+            elif config.checkpoint_every_minutes and elapsed - saved >= config.checkpoint_every_minutes * 60:
+                run.elapsed = elapsed  # a timed save: no report, no metrics row
+                run.save(config, model, data.vocab, optimizer, dist)
+                saved = elapsed
         if meter.tokens:  # the time budget ended the run inside an epoch
             last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch, dist)
     if not last:
@@ -269,6 +314,14 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
 
 
 # ---------------------------------------------------------------------------- the steps of train()
+def with_absolute_corpus(config: TrainConfig) -> TrainConfig:
+    """``config`` with a corpus file's path made absolute (a bundled name stays a name), so that the
+    checkpoint's config resumes from any working directory."""
+    if config.corpus in CORPORA:
+        return config
+    return replace(config, corpus=str(Path(config.corpus).expanduser().absolute()))
+
+
 def load_data(config: TrainConfig, resumed: Optional[checkpoint.Checkpoint], dist: Dist = Dist()) -> tuple[Dataset, int]:
     """The corpus as token ids, and the number of batches per epoch."""
     if config.batch_size < dist.world:
@@ -387,12 +440,13 @@ def report(config: TrainConfig, data: Dataset, model: LanguageModel, optimizer: 
     from .generate import predict  # generation imports the model; keep train importable alone
 
     run.elapsed = time.perf_counter() - started
-    val_nll, _ = evaluate(model, data.val_ids, 32, config.num_steps, dist)
+    validated = len(data.val_ids) > 1  # --val-fraction 0 (or a tail too short to predict): training only
+    val_nll = evaluate(model, data.val_ids, 32, config.num_steps, dist)[0] if validated else math.nan
     row = dict(epoch=round(run.epoch + run.batch / per_epoch, 4), step=run.step, tokens=run.tokens,
-               train_ppl=perplexity(meter.loss / max(meter.tokens, 1)), val_ppl=perplexity(val_nll),
+               train_ppl=perplexity(meter.loss / max(meter.tokens, 1)), val_ppl=perplexity(val_nll) if validated else None,
                tokens_per_s=meter.tokens / max(meter.seconds, 1e-9), elapsed=run.elapsed,
                lr=optimizer.param_groups[0]["lr"])
-    if math.isinf(row["train_ppl"]) or math.isinf(row["val_ppl"]) or (len(data.val_ids) > 1 and val_nll != val_nll):
+    if math.isinf(row["train_ppl"]) or (validated and not math.isfinite(row["val_ppl"])):
         raise diverged(config, f"epoch {row['epoch']:.2f}",
                        f"the perplexity is {row['train_ppl']} (train), {row['val_ppl']} (val)")
     meter.loss, meter.tokens, meter.seconds = 0.0, 0, 0.0
@@ -400,10 +454,10 @@ def report(config: TrainConfig, data: Dataset, model: LanguageModel, optimizer: 
         run.save(config, model, data.vocab, optimizer, dist)  # gives rank 0 its rows of the carried state
         return row
     # the row goes first: the checkpoint records how much of metrics.jsonl is its own
-    checkpoint.append_metrics(Path(config.out), {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                                                 for k, v in row.items()})
+    checkpoint.append_metrics(Path(config.out), row)
     run.save(config, model, data.vocab, optimizer, dist)
-    bar.console.print(f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  val ppl {row['val_ppl']:.3f}  "
+    val = f"val ppl {row['val_ppl']:.3f}  " if validated else ""
+    bar.console.print(f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  {val}"
                       f"{row['tokens_per_s']:,.0f} tok/s  lr {row['lr']:.2e}  {row['elapsed']:.0f}s", highlight=False)
     prefixes = config.prefixes or [data.vocab.decode(data.val_ids[:8] if len(data.val_ids) >= 8 else data.train_ids[:8])]
     for p in prefixes:
@@ -414,15 +468,15 @@ def report(config: TrainConfig, data: Dataset, model: LanguageModel, optimizer: 
 
 
 def stop(config: TrainConfig, model: LanguageModel, data: Dataset, optimizer: torch.optim.Optimizer,
-         run: RunState, elapsed: float, bar, interrupt: StopOnSignal, dist: Dist = Dist()) -> None:
-    """Ctrl-C, SIGTERM or SIGHUP (on any process): save where the run stands and raise signals.Stopped."""
+         run: RunState, elapsed: float, bar, stopped: Stopped, dist: Dist = Dist()) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP (on any process): save where the run stands and raise ``stopped``."""
     run.elapsed = elapsed
     run.save(config, model, data.vocab, optimizer, dist)
     bar.stop()
     if dist.main:
         _log(f"interrupted at epoch {run.epoch + 1}, batch {run.batch}: checkpoint saved to "
              f"{Path(config.out) / checkpoint.CHECKPOINT}; continue with: grulab train --resume --out {config.out}")
-    raise interrupt.interrupt()
+    raise stopped
 
 
 def diverged(config: TrainConfig, where: str, what: str) -> GrulabError:
