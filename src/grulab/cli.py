@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
@@ -95,8 +96,11 @@ def config_from_args(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, resume_config, train
+    from . import distributed
+    from .train import TrainConfig, resume_config
 
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be a positive integer, got {args.nproc}")
     if getattr(args, "resume", False):
         if args.preset:
             raise UsageError("--preset cannot change on --resume: the run keeps its settings")
@@ -106,11 +110,51 @@ def cmd_train(args: argparse.Namespace) -> int:
             config = resume_config(given.pop("out", TrainConfig().out), **given)
     else:
         config = config_from_args(args)
-    last = train(config)
-    if last:
+    if args.nproc > 1 and not distributed.under_torchrun():  # one machine, N processes: torchrun does the rest
+        code = distributed.launch(args.nproc, _without_nproc(args.argv))
+        return 128 - code if code < 0 else code
+    dist = distributed.setup(config.timeout)
+    try:
+        last = _train_elastic(config, dist)
+    finally:
+        distributed.teardown()
+    if last and dist.main:
         val = f"val perplexity {last['val_ppl']:.3f}, " if last["val_ppl"] is not None else ""
         print(f"done: {val}train perplexity {last['train_ppl']:.3f}, checkpoint in {Path(config.out) / 'checkpoint'}")
     return 0
+
+
+def _train_elastic(config, dist) -> dict:
+    """train(config); a torchrun restart of the job that started the run (``--max-restarts``) resumes
+    it from its checkpoint (or starts it again, if it died before its first one)."""
+    from . import checkpoint, distributed
+    from .train import train
+
+    out = Path(config.out)
+    again = dist.main and distributed.restarted(out)
+    again, resume = dist.max(float(again), float(again and (out / checkpoint.CHECKPOINT).exists()))
+    if again and not config.resume:
+        if dist.main:
+            print(f"grulab: restarted by torchrun: {'resuming' if resume else 'starting again'} the run in {out}",
+                  flush=True)
+        config = replace(config, resume=bool(resume), overwrite=not resume)
+    try:
+        return train(config)
+    except distributed.LostPeer as e:
+        raise distributed.LostPeer(f"{e}; the last checkpoint in {out} is intact: continue with --resume") from None
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line with --nproc N taken out (torchrun's workers run the rest)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -296,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a character- or word-level language model. Flags override --preset.")
     p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
     _add_config_flags(p, {})
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine: runs torchrun --standalone --nproc-per-node N "
+                   "(for several machines, run torchrun yourself; see the README) (default: 1)")
     p.set_defaults(func=cmd_train, config_defaults={})
 
     _add_generate(sub)
@@ -344,19 +391,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _me() -> str:
+    """Who speaks in an error line: grulab, with the rank on the other processes of a torchrun run."""
+    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
+    return "grulab" if rank == "0" else f"grulab (rank {rank})"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         onnx_path = argv[:1] == ["generate"] and any(a == "--onnx" or a.startswith("--onnx=") for a in argv)
         args = (_onnx_generate_parser() if onnx_path else build_parser()).parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except GrulabError as e:
-        print(f"grulab: error: {e}", file=sys.stderr)
+        print(f"{_me()}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.signals.Stopped
         code = getattr(e, "exit_code", 130)
-        print("grulab: interrupted" if code == 130 else f"grulab: stopped by {e}", file=sys.stderr)
+        print(f"{_me()}: interrupted" if code == 130 else f"{_me()}: stopped by {e}", file=sys.stderr)
         return code
     except BrokenPipeError:
         return 0
