@@ -23,6 +23,7 @@ comparable when nothing else runs on the machine.
 from __future__ import annotations
 
 import argparse
+import re
 import datetime as _dt
 import os
 import platform
@@ -187,6 +188,18 @@ def make_table(runs: list) -> str:
     return "\n".join(lines)
 
 
+def write_section(path: Path, section: str, key: str) -> None:
+    """Replace the section between this key's markers (or append it), keeping the rest of the file."""
+    BEGIN, END = f"<!-- {key}: begin -->", f"<!-- {key}: end -->"
+    text = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{section}\n{END}"
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shape and generation only, few repetitions")
@@ -241,7 +254,7 @@ def main(argv=None) -> int:
     print()
     print(table)
     if not args.no_write:
-        args.out.write_text("# GRU benchmark\n\n" + "\n".join(meta) + "\n\n" + table + "\n")
+        write_section(args.out, "## GRU benchmark\n\n" + "\n".join(meta) + "\n\n" + table, "bench_gru")
         print(f"\nwrote {args.out}")
     return 0
 

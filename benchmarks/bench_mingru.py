@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import grulab
-from bench_gru import cpu_name, interleaved  # this folder: run as python benchmarks/bench_mingru.py
+from bench_gru import cpu_name, interleaved, write_section  # this folder: run as python benchmarks/bench_mingru.py
 from grulab import MinGRU
 from grulab.model import LanguageModel, ModelConfig
 
@@ -259,18 +259,6 @@ def scan_table(results: list[tuple[int, dict]], B: int, H: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str, key: str) -> None:
-    """Replace the section between this key's markers (or append it), keeping the rest of the file."""
-    BEGIN, END = f"<!-- bench_mingru {key}: begin -->", f"<!-- bench_mingru {key}: end -->"
-    text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", type=int, nargs="+", default=[35, 256, 1024], help="sequence lengths")
@@ -345,7 +333,7 @@ def main(argv=None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section(args.out, section, f"threads={torch.get_num_threads()}")
+        write_section(args.out, section, f"bench_mingru threads={torch.get_num_threads()}")
         print(f"\nwrote its section of {args.out}")
     return 0
 

@@ -386,3 +386,38 @@ def test_browser_mingru_page(browser, mingru_page, vocab):
         assert errors == []
     finally:
         page.close()
+
+VIZ_200KB = """
+import resource, sys
+from grulab.cli import main
+code = main(["viz", sys.argv[1], "--file", sys.argv[2], "--out", sys.argv[3]])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+sys.exit(code)
+"""
+
+
+def test_a_200kb_text_gives_a_capped_page_in_bounded_memory(tmp_path):
+    """Issue 11: 200 KB of text made a 553 MB page with 7.4 GB peak memory; now the page is cut, with a warning."""
+    import os
+    import subprocess
+    import sys
+
+    from grulab import checkpoint
+    from grulab.data import Vocab
+
+    text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 2200)[:200_000]
+    vocab = Vocab(text)
+    torch.manual_seed(0)
+    model = LanguageModel(ModelConfig(vocab_size=len(vocab), hidden=384, embed=0))  # the default width
+    checkpoint.save(tmp_path / "run", model, vocab, {}, {})
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    page = tmp_path / "gates.html"
+    proc = subprocess.run([sys.executable, "-c", VIZ_200KB, str(tmp_path / "run"), str(tmp_path / "text.txt"), str(page)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    limit = viz.max_tokens(384)
+    assert proc.stderr.splitlines() == [
+        f"warning: the text has 200,000 tokens; the page shows the first {limit:,} (at most 10,000, and under 20 MB of "
+        "page for this 1×384 GRU); give a shorter passage to see another part"]
+    assert 10e6 < page.stat().st_size < 20e6
+    assert int(proc.stdout.splitlines()[-1]) < 1e9

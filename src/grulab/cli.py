@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
@@ -95,8 +96,11 @@ def config_from_args(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, resume_config, train
+    from . import distributed
+    from .train import TrainConfig, resume_config
 
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be a positive integer, got {args.nproc}")
     if getattr(args, "resume", False):
         if args.preset:
             raise UsageError("--preset cannot change on --resume: the run keeps its settings")
@@ -106,11 +110,51 @@ def cmd_train(args: argparse.Namespace) -> int:
             config = resume_config(given.pop("out", TrainConfig().out), **given)
     else:
         config = config_from_args(args)
-    last = train(config)
-    if last:
-        print(f"done: val perplexity {last['val_ppl']:.3f}, train perplexity {last['train_ppl']:.3f}, "
-              f"checkpoint in {Path(config.out) / 'checkpoint'}")
+    if args.nproc > 1 and not distributed.under_torchrun():  # one machine, N processes: torchrun does the rest
+        code = distributed.launch(args.nproc, _without_nproc(args.argv))
+        return 128 - code if code < 0 else code
+    dist = distributed.setup(config.timeout)
+    try:
+        last = _train_elastic(config, dist)
+    finally:
+        distributed.teardown()
+    if last and dist.main:
+        val = f"val perplexity {last['val_ppl']:.3f}, " if last["val_ppl"] is not None else ""
+        print(f"done: {val}train perplexity {last['train_ppl']:.3f}, checkpoint in {Path(config.out) / 'checkpoint'}")
     return 0
+
+
+def _train_elastic(config, dist) -> dict:
+    """train(config); a torchrun restart of the job that started the run (``--max-restarts``) resumes
+    it from its checkpoint (or starts it again, if it died before its first one)."""
+    from . import checkpoint, distributed
+    from .train import train
+
+    out = Path(config.out)
+    again = dist.main and distributed.restarted(out)
+    again, resume = dist.max(float(again), float(again and (out / checkpoint.CHECKPOINT).exists()))
+    if again and not config.resume:
+        if dist.main:
+            print(f"grulab: restarted by torchrun: {'resuming' if resume else 'starting again'} the run in {out}",
+                  flush=True)
+        config = replace(config, resume=bool(resume), overwrite=not resume)
+    try:
+        return train(config)
+    except distributed.LostPeer as e:
+        raise distributed.LostPeer(f"{e}; the last checkpoint in {out} is intact: continue with --resume") from None
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line with --nproc N taken out (torchrun's workers run the rest)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -120,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import check_sampling, generate
 
     with _flag_errors():
-        check_sampling(args.length, args.temperature, args.top_k, args.top_p)
+        check_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
     ckpt = checkpoint.load(Path(args.dir))
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prefix = args.prefix if args.prefix is not None else "\n"
@@ -139,6 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import checkpoint
     from .data import d2l_preprocess, encode_warning, load_corpus, tokenize
     from .train import evaluate
+    from .validate import finite_perplexity
 
     ckpt = checkpoint.load(Path(args.dir))
     text = load_corpus(args.textfile)
@@ -149,7 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise GrulabError(f"{args.textfile} has {len(tokens)} token(s); evaluation needs at least 2")
     nll, n = evaluate(ckpt.model, ids, 32, int(ckpt.train.get("num_steps", 64)))
-    result = {"perplexity": math.exp(nll), "bits_per_token": nll / math.log(2), "tokens": n}
+    result = {"perplexity": finite_perplexity(nll, args.textfile), "bits_per_token": nll / math.log(2), "tokens": n}
     if args.json:
         print(json.dumps(result))
     else:
@@ -175,24 +220,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     with _flag_errors():
         runs = compare.configs(base, args.cells, args.sweep)
-    compare.run(runs, Path(base.out), args.target_ppl)
+    compare.run(runs, Path(base.out), args.target_ppl, overwrite=base.overwrite)
     return 0
 
 
+DEMO_MARK = ".grulab-demo"  # in a directory the austen demo trained in: the next demo may replace it
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import rundir
+
+    out = Path(args.out)
     if args.name == "cat-mouse":
         from . import catmouse
 
-        catmouse.run(out_dir=Path(args.out))
+        with rundir.claim(out, run_files=()):  # one process at a time; it rewrites its own catmouse.png
+            catmouse.run(out_dir=out)
         return 0
     from .generate import generate
     from .train import TrainConfig, train
     from . import checkpoint
 
-    out = Path(args.out)
+    held = [name for name in rundir.TRAIN_FILES if (out / name).exists()]
+    if held and not (out / DEMO_MARK).exists():
+        raise GrulabError(f"--out {out} holds a run that is not a demo's ({', '.join(held)}); the demo replaces only "
+                          "its own earlier demo: give another --out")
     print(f"grulab demo: training a character-level GRU on Jane Austen for {args.minutes:g} minutes (Ctrl-C stops early)")
-    train(TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out),
-                      prefixes=["Elizabeth ", "It is a truth "]))
+    config = TrainConfig(corpus="austen", max_minutes=args.minutes, out=str(out), overwrite=True,
+                         prefixes=["Elizabeth ", "It is a truth "])
+    rundir.make_dir(out)
+    (out / DEMO_MARK).touch()
+    train(config)
     ckpt = checkpoint.load(out)
     print("\nsample (temperature 0.7):\n")
     import torch
@@ -238,22 +296,8 @@ def _preset_help() -> str:
             + " (default: none, the defaults below)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import compare
-    from .model import CELLS
-    from .train import PRESETS
-
-    parser = _Parser(prog="grulab", description="Gated recurrent units: train, sample, evaluate, compare, look inside.")
-    parser.add_argument("--version", action="version", version=f"grulab {__import__('grulab').__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
-    p = sub.add_parser("train", help="train a language model on a text",
-                       description="Train a character- or word-level language model. Flags override --preset.")
-    p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
-    _add_config_flags(p, {})
-    p.set_defaults(func=cmd_train, config_defaults={})
-
+def _add_generate(sub) -> None:
+    """The generate command (its ONNX path, added by onnx_cli, must not import torch)."""
     p = sub.add_parser("generate", help="continue a prefix with a trained model")
     p.add_argument("dir", help="run directory (the --out of grulab train)")
     p.add_argument("--prefix", help="text to continue (default: a newline)")
@@ -265,6 +309,43 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all tokens)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling (default: unseeded)")
     p.set_defaults(func=cmd_generate)
+
+
+def _top_parser():
+    parser = _Parser(prog="grulab", description="Gated recurrent units: train, sample, evaluate, compare, look inside.")
+    parser.add_argument("--version", action="version", version=f"grulab {__import__('grulab').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    return parser, sub
+
+
+def _onnx_generate_parser() -> argparse.ArgumentParser:
+    """Only `grulab generate` (and export), built without importing torch: `generate --onnx` runs torch-free."""
+    from .onnx_cli import add_commands
+
+    parser, sub = _top_parser()
+    _add_generate(sub)
+    add_commands(sub)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import compare
+    from .model import CELLS
+    from .train import PRESETS
+
+    parser, sub = _top_parser()
+
+    p = sub.add_parser("train", help="train a language model on a text",
+                       description="Train a character- or word-level language model. Flags override --preset.")
+    p.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
+    _add_config_flags(p, {})
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine: runs torchrun --standalone --nproc-per-node N "
+                   "(for several machines, run torchrun yourself; see the README) (default: 1)")
+    p.set_defaults(func=cmd_train, config_defaults={})
+
+    _add_generate(sub)
 
     p = sub.add_parser("eval", help="perplexity and bits per token of a text")
     p.add_argument("dir", help="run directory (the --out of grulab train)")
@@ -285,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("viz", help="colour a text by the GRU's gates (HTML page or PNG heatmap)")
     p.add_argument("dir", help="run directory of a GRU model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="the text to run the model over")
-    src.add_argument("--file", help="a UTF-8 text file to run the model over")
+    src.add_argument("--text", help="the text to run the model over; a long text is cut to its start, with a "
+                     "warning: the page shows at most 10,000 tokens and stays under 20 MB (about 5,900 tokens for a 1×384 GRU)")
+    src.add_argument("--file", help="a UTF-8 text file to run the model over (cut as --text is)")
     p.add_argument("--out", default="gates.html",
                    help="an .html file (interactive page) or a .png file (heatmap) (default: %(default)s)")
     p.set_defaults(func=cmd_viz)
@@ -295,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="austen", choices=["austen", "cat-mouse"],
                    help="which demo (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=2.0, help="training budget for the austen demo (default: %(default)s)")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="runs/demo", help="output directory; a second demo replaces the first one's "
+                   "files there, and a directory holding another run is refused (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed)")
@@ -303,20 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device type (default: cpu)")
     p.add_argument("--reset-before", action="store_true", help="ask for the notes' reset-before cell (default: reset-after)")
     p.set_defaults(func=cmd_kernels)
+    from .onnx_cli import add_commands
+    add_commands(sub)  # grulab export, grulab generate --onnx
     return parser
+
+
+def _me() -> str:
+    """Who speaks in an error line: grulab, with the rank on the other processes of a torchrun run."""
+    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
+    return "grulab" if rank == "0" else f"grulab (rank {rank})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        onnx_path = argv[:1] == ["generate"] and any(a == "--onnx" or a.startswith("--onnx=") for a in argv)
+        args = (_onnx_generate_parser() if onnx_path else build_parser()).parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except GrulabError as e:
-        print(f"grulab: error: {e}", file=sys.stderr)
+        print(f"{_me()}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("grulab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.signals.Stopped
+        code = getattr(e, "exit_code", 130)
+        print(f"{_me()}: interrupted" if code == 130 else f"{_me()}: stopped by {e}", file=sys.stderr)
+        return code
     except BrokenPipeError:
         return 0
 

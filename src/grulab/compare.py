@@ -20,7 +20,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .errors import UsageError
 from .generate import predict
 from .model import CELLS, count_parameters
@@ -29,9 +29,12 @@ from .train import TrainConfig, read_metrics, train
 
 #: compare's own defaults for training fields: shorter runs, their own directory.
 DEFAULTS = dict(out="runs/compare", max_minutes=1.0)
+#: What a comparison writes into its directory, besides a directory per run.
+FILES = ("results.md", "results.csv", "perplexity.png")
 #: The settings --sweep can vary: every training field but where and how a run reports.
 SWEEPABLE = tuple(f.name for f in fields(TrainConfig)
-                  if f.name not in ("out", "resume", "progress", "prefixes", "predict_length", "eval_every"))
+                  if f.name not in ("out", "resume", "overwrite", "progress", "prefixes", "predict_length", "eval_every",
+                                     "checkpoint_every_minutes"))
 
 
 def parse_sweep(spec: str) -> tuple[str, list]:
@@ -83,14 +86,28 @@ def configs(base: TrainConfig, cells: str, sweep: Optional[str]) -> list[tuple[s
                              f"subset of {','.join(CELLS)}")
         changes = [(c, {"cell": c}) for c in names]
     out = Path(base.out)
-    return [(label, replace(base, out=str(out / label.replace("=", "-")), resume=False, **change))
+    if base.val_fraction == 0:
+        raise UsageError("--val-fraction 0: compare ranks the runs by validation perplexity; give a fraction > 0")
+    # the comparison's directory is claimed (and any --overwrite done) by run(); each run's is new
+    return [(label, replace(base, out=str(out / label.replace("=", "-")), resume=False, overwrite=False, **change))
             for label, change in changes]
 
 
-def run(runs: list[tuple[str, TrainConfig]], out: Path, target_ppl: Optional[float] = None) -> list[dict]:
+def run(runs: list[tuple[str, TrainConfig]], out: Path, target_ppl: Optional[float] = None,
+        overwrite: bool = False) -> list[dict]:
     """Train each of ``runs`` (see :func:`configs`) and write the comparison to ``out``; return one
-    result row per run."""
-    out.mkdir(parents=True, exist_ok=True)
+    result row per run.
+
+    ``out`` is this process's while it runs (:func:`grulab.rundir.claim`); one that holds an earlier
+    comparison is refused, or with ``overwrite`` emptied of it (its tables, plot and run directories).
+    """
+    earlier = [p.name for p in out.iterdir() if p.is_dir() and any((p / f).exists() for f in rundir.TRAIN_FILES)] \
+        if out.is_dir() else []
+    with rundir.claim(out, overwrite=overwrite, run_files=FILES + tuple(earlier), what="a comparison"):
+        return _run(runs, out, target_ppl)
+
+
+def _run(runs: list[tuple[str, TrainConfig]], out: Path, target_ppl: Optional[float]) -> list[dict]:
     results = []
     for label, config in runs:
         print(f"\n=== {label} ===", flush=True)

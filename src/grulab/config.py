@@ -35,6 +35,15 @@ POSITIVE = Rule("a positive number", lambda v: v > 0)
 NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)
 FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)
 
+
+def up_to(rule: Rule, high) -> Rule:
+    """``rule``, and at most ``high``: a size cap, so that a damaged config.json or a slip of the
+    keyboard is refused in one line instead of asking for terabytes."""
+    return Rule(f"{rule.want} up to {high:,}", lambda v: rule.ok(v) and v <= high)
+
+
+SEED = Rule(f"an integer in [0, {2**64 - 1}] (what torch.manual_seed takes)", lambda v: 0 <= v < 2**64)
+
 _TYPE_WANT = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
               list: "a list of strings"}
 
@@ -64,9 +73,8 @@ class Config:
     """Base of the config dataclasses: checks each field, then ``check()``'s cross-field rules."""
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            setattr(self, f.name, _checked(f, typing.get_origin(hints[f.name]) or hints[f.name], getattr(self, f.name)))
+        for name, value in checked(type(self), {f.name: getattr(self, f.name) for f in fields(self)}).items():
+            setattr(self, name, value)
         self.check()
 
     def check(self) -> None:
@@ -84,6 +92,15 @@ class Config:
         if unknown:
             raise GrulabError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
         return cls(**d)
+
+
+def checked(cls, values: dict) -> dict:
+    """The values of ``cls``'s fields found in ``values``, each checked and normalised as ``cls(...)``
+    would (ConfigError for the first bad one), without building anything; other keys are left out.
+    Used on a config.json before any tensor is allocated."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _checked(f, typing.get_origin(hints[f.name]) or hints[f.name], values[f.name])
+            for f in fields(cls) if f.name in values}
 
 
 def _checked(f, kind: type, value):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -37,11 +38,12 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
-import torch
+from grulab.errors import ConfigError, GrulabError
 
-from grulab.errors import GrulabError
+if TYPE_CHECKING:  # torch is imported where it is used: tokens, vocabulary and prompts work without it
+    import torch
 
 __all__ = [
     "CORPORA",
@@ -54,9 +56,11 @@ __all__ = [
     "Dataset",
     "Vocab",
     "build_dataset",
+    "check_sampling",
     "d2l_preprocess",
     "default_cache_dir",
     "download_timemachine",
+    "encode_prefix",
     "encode_warning",
     "load_corpus",
     "min_tokens",
@@ -382,8 +386,8 @@ class Vocab:
         return [get(t, 0) for t in _as_tokens(tokens, self.level)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text for ``ids`` (ints or a tensor): joined with "" at char level, " " at word level."""
-        if isinstance(ids, torch.Tensor):
+        """Text for ``ids`` (ints, a tensor or an array): joined with "" at char level, " " at word level."""
+        if hasattr(ids, "tolist"):  # a torch tensor or a numpy array
             ids = ids.reshape(-1).tolist()
         n = len(self.idx_to_token)
         out = []
@@ -440,9 +444,13 @@ class Vocab:
         vocab._set_tokens(list(tokens))
         return vocab
 
+    def to_json(self) -> str:
+        """The vocabulary as JSON text (non-ASCII kept readable), as :meth:`save` writes it."""
+        return json.dumps(self.to_dict(), ensure_ascii=False) + "\n"
+
     def save(self, path: Union[str, Path]) -> None:
-        """Write the vocabulary as JSON (UTF-8, non-ASCII kept readable)."""
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False) + "\n", encoding="utf-8")
+        """Write the vocabulary as JSON (UTF-8)."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Vocab":
@@ -453,6 +461,9 @@ class Vocab:
             raise GrulabError(f"vocabulary file {what}: {p}; give the vocab.json saved with the model")
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:  # e.g. permission denied
+            raise GrulabError(f"cannot read the vocabulary {p}: {exc.strerror}; "
+                              f"check the file's permissions") from None
         except UnicodeDecodeError as exc:
             raise GrulabError(f"{p} is not a grulab vocabulary (not UTF-8 text, offset {exc.start}); "
                               f"give the vocab.json saved with the model") from exc
@@ -474,6 +485,36 @@ def encode_warning(vocab: "Vocab", tokens: list[str], what: str) -> list[int]:
         shown = ", ".join(map(repr, missing[:10])) + (" …" if len(missing) > 10 else "")
         warnings.warn(f"{what} has tokens the model never saw, read as <unk>: {shown}", stacklevel=3)
     return ids
+
+
+# ---------------------------------------------------------------------------
+# Prompts (for grulab.generate and grulab.onnx_generate, which runs without torch)
+# ---------------------------------------------------------------------------
+
+
+def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
+    """Token ids of ``prefix``; unknown tokens become <unk>, with a warning naming them."""
+    tokens = tokenize(prefix, vocab.level)
+    ids = encode_warning(vocab, tokens, "the prefix")
+    if not tokens:
+        raise GrulabError("the prefix is empty: give at least one token with --prefix")
+    return ids
+
+
+def check_sampling(length: int = 0, temperature: float = 0.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None, seed: Optional[int] = None) -> None:
+    """ConfigError naming the first argument of :func:`generate` (or the generator's seed) that is out of range."""
+    from .config import SEED
+
+    for name, value, ok, want in [
+        ("seed", seed, seed is None or SEED.ok(seed), SEED.want),
+        ("length", length, length >= 0, "an integer >= 0"),
+        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
+        ("top_k", top_k, top_k is None or top_k >= 1, "an integer >= 1"),
+        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]"),
+    ]:
+        if not ok:
+            raise ConfigError(name, want, value)
 
 
 # ---------------------------------------------------------------------------
@@ -517,6 +558,8 @@ def num_batches(n_tokens: int, batch_size: int, num_steps: int, sampling: str = 
 
 
 def _as_ids(ids) -> torch.Tensor:
+    import torch
+
     ids = torch.as_tensor(ids)
     if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise GrulabError(f"token ids must be a 1-D integer tensor, got shape {tuple(ids.shape)} {ids.dtype}")
@@ -537,6 +580,8 @@ def _batch_count_or_raise(n: int, batch_size: int, num_steps: int, sampling: str
 
 def _randint(high: int, generator: Optional[torch.Generator]) -> int:
     """A uniform integer in [0, high)."""
+    import torch
+
     return int(torch.randint(high, (1,), generator=generator).item())
 
 
@@ -561,6 +606,8 @@ def random_batches(
     ``generator`` (a seeded ``torch.Generator``) makes it reproducible;
     ``name`` names the corpus in the error raised when it is too short.
     """
+    import torch
+
     ids = _as_ids(ids)
     k = _batch_count_or_raise(len(ids), batch_size, num_steps, "random", name)
     offset = _randint(num_steps, generator)
@@ -652,6 +699,8 @@ def build_dataset(
     tokens only, as d2l's ``load_data_time_machine`` (10,000); the validation
     tail stays where ``val_fraction`` puts it.
     """
+    import torch
+
     _check_level(level)
     text = load_corpus(corpus)
     if d2l:

@@ -9,38 +9,17 @@ GRU), never a re-run of the text so far.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .data import Vocab, encode_warning, tokenize
-from .errors import ConfigError, GrulabError
+from .data import Vocab, check_sampling, encode_prefix
+from .errors import GrulabError
 from .model import LanguageModel
 
-
-def encode_prefix(vocab: Vocab, prefix: str) -> list[int]:
-    """Token ids of ``prefix``; unknown tokens become <unk>, with a warning naming them."""
-    tokens = tokenize(prefix, vocab.level)
-    ids = encode_warning(vocab, tokens, "the prefix")
-    if not tokens:
-        raise GrulabError("the prefix is empty: give at least one token with --prefix")
-    return ids
-
-
-def check_sampling(length: int = 0, temperature: float = 0.0, top_k: Optional[int] = None,
-                   top_p: Optional[float] = None) -> None:
-    """ConfigError naming the first argument of :func:`generate` that is out of range."""
-    for name, value, ok, want in [
-        ("length", length, length >= 0, "an integer >= 0"),
-        ("temperature", temperature, math.isfinite(temperature) and temperature >= 0, "a number >= 0"),
-        ("top_k", top_k, top_k is None or top_k >= 1, "an integer >= 1"),
-        ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1]"),
-    ]:
-        if not ok:
-            raise ConfigError(name, want, value)
+__all__ = ["check_sampling", "encode_prefix", "generate", "predict", "sample_next"]
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -48,6 +27,9 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] =
     """Pick the next token from logits (B, V) -> ids (B,). temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
+    # below the dtype's smallest normal number a temperature is as greedy as that number
+    # (and would round to 0 in float32, making 0/0 of the top logit)
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # (B, V); max 0, so no overflow
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -80,7 +62,10 @@ def generate(model: LanguageModel, vocab: Vocab, prefix: str, length: int, tempe
     logits = logits[:, -1]  # (1, V)
     sep = "" if vocab.level == "char" else " "
     try:
-        for _ in range(length):
+        for i in range(length):
+            if not torch.isfinite(logits).all():
+                raise GrulabError(f"the model's output is not finite (NaN or Inf) at token {i + 1}: its weights "
+                                  "overflow on this input; use an earlier checkpoint or retrain with a lower --lr")
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
             yield sep + vocab.idx_to_token[int(nxt)]
             logits, state = model.step(nxt, state)  # (1, V)

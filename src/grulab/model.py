@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import COUNT, FRACTION, POSITIVE_INT, Config, option
+from .config import COUNT, FRACTION, POSITIVE_INT, Config, option, up_to
 from .errors import ConfigError
 from .gru import GRU, IMPLS, resolve_impl
 from .mingru import MinGRU, MinGRUBlocks
@@ -90,13 +90,16 @@ INITS: dict[str, Callable[["LanguageModel"], None]] = {
 
 @dataclass
 class ModelArgs(Config):
-    """The model's fields. ModelConfig adds the vocabulary size; TrainConfig adds the run's fields."""
+    """The model's fields. ModelConfig adds the vocabulary size; TrainConfig adds the run's fields.
+
+    The size caps refuse a damaged config.json before it asks for terabytes: 65,536 hidden
+    units are already 50 GB of float32 weights per GRU layer."""
 
     cell: str = option("gru", "recurrent cell", choices=CELLS)
-    hidden: int = option(384, "hidden units per layer", rule=POSITIVE_INT)
-    layers: int = option(1, "recurrent layers", rule=POSITIVE_INT)
+    hidden: int = option(384, "hidden units per layer", rule=up_to(POSITIVE_INT, 65536))
+    layers: int = option(1, "recurrent layers", rule=up_to(POSITIVE_INT, 256))
     dropout: float = option(0.0, "dropout between layers and before the output layer", rule=FRACTION)
-    embed: int = option(64, "embedding width; 0 = one-hot input as in the notes", rule=COUNT)
+    embed: int = option(64, "embedding width; 0 = one-hot input as in the notes", rule=up_to(COUNT, 65536))
     reset_after: bool = option(
         True, "GRU: reset gate after the recurrent matrix product (PyTorch, cuDNN); False = the notes' form",
         flag="--reset-before", flag_help="GRU: the notes' form, the reset gate before the matrix product: "
@@ -125,7 +128,7 @@ class ModelArgs(Config):
 class ModelConfig(ModelArgs):
     """Everything that rebuilds a model: checkpoints store it as config.json's "model"."""
 
-    vocab_size: int = option(help="number of tokens, <unk> included", rule=POSITIVE_INT)
+    vocab_size: int = option(help="number of tokens, <unk> included", rule=up_to(POSITIVE_INT, 2**24))
 
 
 class LanguageModel(nn.Module):

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -26,15 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checkpoint, native, plots
-from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, option
+from . import checkpoint, native, plots, rundir
+from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, up_to
 from .data import CORPORA, LEVELS, SAMPLERS, Dataset, build_dataset, min_tokens, num_batches
+from .distributed import Dist, current, mark_job, talking
 from .errors import ConfigError, GrulabError, UsageError
 from .model import LanguageModel, ModelArgs, ModelConfig, State, count_parameters, detach_state
+from .signals import StopOnSignal, Stopped
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
-METRICS = "metrics.jsonl"
+METRICS = checkpoint.METRICS
+# Adam's float32 step, lr / (1 - beta1), overflows past ~3e37
+LEARNING_RATE = up_to(POSITIVE, 1e30)
 
 
 @dataclass
@@ -47,7 +50,9 @@ class TrainConfig(ModelArgs):
     level: str = option("char", "tokens: characters, or words and punctuation", choices=LEVELS)
     min_freq: int = option(0, "tokens seen fewer times become <unk>", rule=COUNT)
     d2l_text: bool = option(False, "the d2l preprocessing: lower case, letters only")
-    val_fraction: float = option(0.1, "the tail of the corpus held out for validation", rule=FRACTION)
+    val_fraction: float = option(0.1, "the tail of the corpus held out for validation; 0 = none: the reports "
+                                 "show training perplexity only, and divergence is judged on the training loss",
+                                 rule=FRACTION)
     max_tokens: int = option(0, "train on the first N tokens only (0 = all); d2l's load_data_time_machine "
                              "uses 10000", rule=COUNT)
     # batches
@@ -57,7 +62,7 @@ class TrainConfig(ModelArgs):
                            choices=SAMPLERS)
     # optimisation
     optimizer: str = option("adam", "optimizer", choices=OPTIMIZERS)
-    lr: float = option(3e-3, "peak learning rate", rule=POSITIVE)
+    lr: float = option(3e-3, "peak learning rate", rule=LEARNING_RATE)
     schedule: str = option("cosine", "cosine (warm-up, then decay to lr/10 over the budget) or constant",
                            choices=SCHEDULES)
     clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE)
@@ -67,9 +72,15 @@ class TrainConfig(ModelArgs):
     max_minutes: float = option(3.0, "wall-clock budget in minutes (0 = until --epochs); with both, whichever "
                                 "ends first", rule=NON_NEGATIVE, resumable=True)
     # run
-    seed: int = option(0, "seeds the model init, the batches and dropout")
-    out: str = option("runs/latest", "run directory: checkpoint/, metrics.jsonl, perplexity.png")
+    seed: int = option(0, "seeds the model init, the batches and dropout", rule=SEED)
+    out: str = option("runs/latest", "run directory: checkpoint/, metrics.jsonl, perplexity.png; one run at a "
+                      "time, and a new run into one that holds a run is refused (see --resume, --overwrite)")
     resume: bool = option(False, "continue the run in --out where it stopped")
+    overwrite: bool = option(False, "replace the run already in --out (its checkpoint and metrics are deleted)")
+    checkpoint_every_minutes: float = option(
+        5.0, "also save a checkpoint after this many minutes without one, so that a hard kill (kill -9, power) "
+        "loses at most that much; Ctrl-C, SIGTERM and SIGHUP save at once (0 = at reports only)",
+        rule=NON_NEGATIVE, resumable=True)
     prefixes: list[str] = option([], "continued at every report", flag="--prefix",
                                  default_help="the first 8 tokens of the validation text", resumable=True)
     predict_length: int = option(60, "tokens predicted per prefix", rule=COUNT, resumable=True)
@@ -77,11 +88,18 @@ class TrainConfig(ModelArgs):
                              resumable=True)
     progress: bool = option(True, "show a progress bar", flag="--no-progress", flag_help="hide the progress bar",
                             resumable=True)
+    # processes (torchrun): --batch-size is the global batch, split across the processes
+    threads: int = option(0, "compute threads per process (0 = PyTorch's default, or OMP_NUM_THREADS, which "
+                          "torchrun sets to 1 when it starts several processes)", rule=up_to(COUNT, 4096), resumable=True)
+    timeout: float = option(300.0, "seconds a process waits for the others (runs under torchrun) before the run "
+                            "ends with an error", rule=up_to(POSITIVE, 86400), resumable=True)
 
     def check(self) -> None:
         super().check()
         if self.epochs == 0 and self.max_minutes == 0:
             raise ConfigError("epochs", "> 0 when max_minutes is 0 (give the run a budget)", 0)
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "left out with --resume (continue the run, or replace it)", True)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=vocab_size, **{f.name: getattr(self, f.name) for f in fields(ModelArgs)})
@@ -128,7 +146,7 @@ def resume_config(out, **changes) -> TrainConfig:
     except GrulabError as e:
         raise GrulabError(f"the training config in {ckpt.path / 'config.json'} is not valid ({e}); "
                           "resume is not possible, start a new run in another --out") from None
-    return replace(saved, out=str(out), resume=True, **changes)
+    return replace(saved, out=str(out), resume=True, overwrite=False, **changes)
 
 
 @dataclass
@@ -152,21 +170,32 @@ class RunState:
     PROGRESS = ("epoch", "batch", "step", "tokens", "elapsed")  # what config.json's "progress" holds
 
     @classmethod
-    def start(cls, seed: int) -> "RunState":
+    def start(cls, seed: int, dist: Dist = Dist()) -> "RunState":
+        """A new run. The batch RNG is the same on every process (each takes its rows of the same batch);
+        torch's RNG (dropout) differs between processes."""
         rng = torch.Generator().manual_seed(seed)
+        if dist.rank:
+            torch.manual_seed((seed + 1_000_003 * dist.rank) % 2**64)
         return cls(rng=rng, epoch_rng=rng.get_state())
 
     @classmethod
-    def restore(cls, ckpt: checkpoint.Checkpoint, seed: int) -> "RunState":
-        """The state saved in ``ckpt`` (loaded with its training state); sets torch's RNG as it was."""
-        run = replace(cls.start(seed), **{k: ckpt.progress[k] for k in cls.PROGRESS if k in ckpt.progress})
+    def restore(cls, ckpt: checkpoint.Checkpoint, seed: int, dist: Dist = Dist()) -> "RunState":
+        """The state saved in ``ckpt`` (loaded with its training state); sets torch's RNG as it was
+        (rank 0's; the other ranks draw from their own seed). The carried state is the whole batch's:
+        this process keeps its rows, so a run resumes on any number of processes."""
+        run = replace(cls.start(seed, dist), **{k: ckpt.progress[k] for k in cls.PROGRESS if k in ckpt.progress})
         extra = ckpt.extra
         if "batch_gen" in extra:
             run.epoch_rng = extra["batch_gen"]
         if "torch_rng" in extra:
             torch.set_rng_state(extra["torch_rng"])
+        if dist.rank:
+            torch.manual_seed((seed + 1_000_003 * dist.rank + run.step) % 2**64)
         if "state_h" in extra:
-            run.carried = (extra["state_h"], extra["state_c"]) if "state_c" in extra else extra["state_h"]
+            carried = (extra["state_h"], extra["state_c"]) if "state_c" in extra else (extra["state_h"],)
+            rows = dist.rows(carried[0].shape[1])
+            carried = tuple(h[:, rows] for h in carried)  # (L, b, H): this process's rows
+            run.carried = carried if len(carried) > 1 else carried[0]
         return run
 
     def advance(self, tokens: int, per_epoch: int) -> None:
@@ -175,11 +204,16 @@ class RunState:
         if self.batch == per_epoch:
             self.epoch, self.batch, self.epoch_rng, self.carried = self.epoch + 1, 0, self.rng.get_state(), None
 
-    def save(self, config: TrainConfig, model: LanguageModel, vocab, optimizer: torch.optim.Optimizer) -> Path:
+    def save(self, config: TrainConfig, model: LanguageModel, vocab, optimizer: torch.optim.Optimizer,
+             dist: Dist = Dist()) -> Optional[Path]:
+        """Every process calls it (the carried state is gathered); rank 0 writes the checkpoint."""
         extra = {"batch_gen": self.epoch_rng, "torch_rng": torch.get_rng_state()}
         if self.carried is not None:
             carried = self.carried if isinstance(self.carried, tuple) else (self.carried,)
+            carried = [dist.gather_rows(h, config.batch_size) for h in carried]  # (L, B, H): the whole batch's
             extra.update(zip(("state_h", "state_c"), carried))
+        if not dist.main:
+            return None
         progress = {k: getattr(self, k) for k in self.PROGRESS}
         return checkpoint.save(Path(config.out), model, vocab, config.to_dict(), progress, optimizer, extra)
 
@@ -196,43 +230,103 @@ class Meter:
 def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
     """Train as ``config`` says; return the last report's metrics ({} if the budget was spent already).
 
-    ``on_epoch(row)`` is called after each report. Ctrl-C saves a checkpoint and re-raises
-    KeyboardInterrupt; a NaN or infinite loss raises GrulabError and keeps the last good checkpoint.
+    ``on_epoch(row)`` is called after each report. The run directory is this process's while it
+    trains (:func:`grulab.rundir.claim`). Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and raises
+    :class:`grulab.signals.Stopped` (a KeyboardInterrupt); a NaN or infinite loss raises GrulabError
+    and keeps the last good checkpoint.
+
+    Under torchrun (a process group set up, see :mod:`grulab.distributed`) every process runs this;
+    each trains on its rows of every batch, and rank 0 alone claims the run directory, writes and prints.
     """
+    dist = current()
+    with claimed(config, dist):
+        return _train(with_absolute_corpus(config), on_epoch, dist)
+
+
+@contextmanager
+def claimed(config: TrainConfig, dist: Dist) -> Iterator[None]:
+    """The run directory, claimed by rank 0 (:func:`grulab.rundir.claim`); every rank learns whether it could."""
+    claim, error = None, None
+    if dist.main:
+        try:
+            claim = rundir.claim(Path(config.out), resume=config.resume, overwrite=config.overwrite)
+        except GrulabError as e:
+            error = e
+    if dist.max(float(error is not None))[0]:
+        raise error or GrulabError(f"rank 0 could not claim --out {config.out} (its message says why)")
+    if claim is None:
+        yield
+        return
+    with claim:
+        if not config.resume:
+            mark_job(Path(config.out))  # under torchrun: its restarts resume this run
+        yield
+
+
+def _train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]], dist: Dist) -> dict:
+    if config.threads:
+        torch.set_num_threads(config.threads)
     resumed = checkpoint.load(config.out, with_training_state=True) if config.resume else None
+    if resumed is not None and dist.main:
+        checkpoint.trim_metrics(Path(config.out), resumed)  # rows written after that save: their training is redone
     torch.manual_seed(config.seed)
-    data, per_epoch = load_data(config, resumed)
+    data, per_epoch = load_data(config, resumed, dist)
     model = resumed_model(config, resumed) if resumed else LanguageModel(config.model_config(len(data.vocab)))
     model.train()
     native.load()  # the kernel is ready (built at install, else now) before the clock starts
+    with talking():  # DDP broadcasts rank 0's weights, then averages the gradients at each backward
+        net = model if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(config, model, resumed)
-    run = RunState.restore(resumed, config.seed) if resumed else RunState.start(config.seed)
-    start_metrics(config, fresh=resumed is None)
-    log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None)
+    run = RunState.restore(resumed, config.seed, dist) if resumed else RunState.start(config.seed, dist)
+    if dist.main:
+        start_metrics(config, fresh=resumed is None)
+        log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None, dist=dist)
     started, meter, last = time.perf_counter() - run.elapsed, Meter(), {}
-    with progress_bar(config, per_epoch) as bar, _DeferredInterrupt() as interrupt:
+    saved = run.elapsed  # on the run's clock (agreed by all ranks): when the last checkpoint was written
+    with progress_bar(config, per_epoch, dist) as bar, StopOnSignal() as interrupt:
         for X, Y in remaining_batches(config, data, run):
-            if interrupt.requested:  # Ctrl-C: stop between batches, where the state is consistent
-                stop(config, model, data, optimizer, run, time.perf_counter() - started, bar)
-            if config.max_minutes and time.perf_counter() - started >= config.max_minutes * 60:
+            # every rank decides alike (one all_reduce): stop at the same batch, the same clock for the schedule
+            requested, elapsed = dist.max(float(interrupt.requested), time.perf_counter() - started)
+            if requested:  # Ctrl-C, SIGTERM, SIGHUP: stop between batches, where the state is consistent
+                stop(config, model, data, optimizer, run, elapsed, bar, interrupt.interrupt(), dist)
+            if config.max_minutes and elapsed >= config.max_minutes * 60:
                 break  # the time budget is spent
-            loss = train_step(config, model, optimizer, X, Y, run, meter, per_epoch, started)
-            bar.update(bar.task_ids[0], completed=run.batch or per_epoch, epoch=run.epoch + (run.batch > 0), loss=loss)
+            loss = train_step(config, net, optimizer, X, Y, run, meter, per_epoch, elapsed, dist)
+            bar.update(bar.task_ids[0], completed=run.batch or per_epoch, epoch=run.epoch + (run.batch > 0), loss=loss,
+                       rate=f"{meter.tokens / max(meter.seconds, 1e-9):,.0f} tok/s")  # all processes together
             if run.batch == 0 or (config.eval_every and run.step % config.eval_every == 0):
-                last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch)
+                last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch, dist)
+                saved = elapsed
+            elif config.checkpoint_every_minutes and elapsed - saved >= config.checkpoint_every_minutes * 60:
+                run.elapsed = elapsed  # a timed save: no report, no metrics row
+                run.save(config, model, data.vocab, optimizer, dist)
+                saved = elapsed
         if meter.tokens:  # the time budget ended the run inside an epoch
-            last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch)
+            last = report(config, data, model, optimizer, run, meter, per_epoch, started, bar, on_epoch, dist)
     if not last:
-        _log(f"nothing to train: the run's budget ({config.epochs or '-'} epochs, {config.max_minutes:g} minutes) "
-             f"is used up; give a larger --epochs or --max-minutes")
+        if dist.main:
+            _log(f"nothing to train: the run's budget ({config.epochs or '-'} epochs, {config.max_minutes:g} "
+                 f"minutes) is used up; give a larger --epochs or --max-minutes")
         return last
-    plots.perplexity_curve(read_metrics(Path(config.out) / METRICS), Path(config.out) / "perplexity.png")
+    if dist.main:
+        plots.perplexity_curve(read_metrics(Path(config.out) / METRICS), Path(config.out) / "perplexity.png")
     return last
 
 
 # ---------------------------------------------------------------------------- the steps of train()
-def load_data(config: TrainConfig, resumed: Optional[checkpoint.Checkpoint]) -> tuple[Dataset, int]:
+def with_absolute_corpus(config: TrainConfig) -> TrainConfig:
+    """``config`` with a corpus file's path made absolute (a bundled name stays a name), so that the
+    checkpoint's config resumes from any working directory."""
+    if config.corpus in CORPORA:
+        return config
+    return replace(config, corpus=str(Path(config.corpus).expanduser().absolute()))
+
+
+def load_data(config: TrainConfig, resumed: Optional[checkpoint.Checkpoint], dist: Dist = Dist()) -> tuple[Dataset, int]:
     """The corpus as token ids, and the number of batches per epoch."""
+    if config.batch_size < dist.world:
+        raise GrulabError(f"--batch-size {config.batch_size} is smaller than the {dist.world} processes: each needs "
+                          "at least one row of every batch (--batch-size is the global batch); raise --batch-size")
     data = build_dataset(config.corpus, config.level, config.min_freq, config.d2l_text, config.val_fraction,
                          config.max_tokens)
     if resumed is not None and resumed.vocab != data.vocab:
@@ -270,21 +364,25 @@ def start_metrics(config: TrainConfig, fresh: bool) -> None:
 
 
 def log_start(config: TrainConfig, data: Dataset, model: LanguageModel, per_epoch: int,
-              resumed_at: Optional[int]) -> None:
+              resumed_at: Optional[int], dist: Dist = Dist()) -> None:
+    from .distributed import threads_note
+
+    split = f", {dist.world} processes" if dist.world > 1 else ""
     _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
          f"{config.level} tokens, vocab {len(data.vocab)}), {model.config.describe()}, "
          f"{count_parameters(model):,} parameters, {per_epoch} batches of {config.batch_size}×{config.num_steps} "
-         "per epoch" + (f", resumed at epoch {resumed_at}" if resumed_at else ""))
+         f"per epoch{split}, {threads_note(config.threads)}" + (f", resumed at epoch {resumed_at}" if resumed_at else ""))
 
 
-def progress_bar(config: TrainConfig, per_epoch: int):
-    """A rich progress bar over the batches of the current epoch (hidden with --no-progress)."""
+def progress_bar(config: TrainConfig, per_epoch: int, dist: Dist = Dist()):
+    """A rich progress bar over the batches of the current epoch (hidden with --no-progress, and on ranks > 0)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), disable=not config.progress,
+                   TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                   disable=not (config.progress and dist.main),
                    transient=True)
-    bar.add_task("train", total=per_epoch, epoch=1, loss=float("nan"))
+    bar.add_task("train", total=per_epoch, epoch=1, loss=float("nan"), rate="")
     return bar
 
 
@@ -301,50 +399,65 @@ def remaining_batches(config: TrainConfig, data: Dataset, run: RunState) -> Iter
                 yield X, Y
 
 
-def train_step(config: TrainConfig, model: LanguageModel, optimizer: torch.optim.Optimizer, X: Tensor, Y: Tensor,
-               run: RunState, meter: Meter, per_epoch: int, started: float) -> float:
-    """One batch: forward, loss, backward, clip, update; then advance the run. Returns the loss."""
+def train_step(config: TrainConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, X: Tensor, Y: Tensor,
+               run: RunState, meter: Meter, per_epoch: int, elapsed: float, dist: Dist = Dist()) -> float:
+    """One batch: forward, loss, backward, clip, update; then advance the run. Returns the batch's mean loss.
+
+    ``X``, ``Y`` are the whole (global) batch; this process trains on its rows. ``model`` may be
+    wrapped in DistributedDataParallel, which averages the gradients over the processes.
+    """
     t0 = time.perf_counter()
+    rows = dist.rows(config.batch_size)
+    X, Y = X[rows], Y[rows]  # (b, T): this process's block of rows
     state = detach_state(run.carried) if config.sampling == "sequential" else None  # random batches: fresh
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(config, budget_progress(config, run, per_epoch, t0 - started))
-    logits, state = model(X, state)  # (B, T, V)
-    loss = F.cross_entropy(logits.flatten(0, 1), Y.flatten())
-    if not torch.isfinite(loss):
-        raise diverged(config, f"epoch {run.epoch + 1}, batch {run.batch + 1}", f"the loss is {loss.item()}")
+        group["lr"] = lr_at(config, budget_progress(config, run, per_epoch, elapsed))
+    logits, state = model(X, state)  # (b, T, V)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
+    tokens = config.batch_size * config.num_steps  # in the global batch
+    total, = dist.sum(loss_sum.item())
+    if not math.isfinite(total):
+        raise diverged(config, f"epoch {run.epoch + 1}, batch {run.batch + 1}", f"the loss is {total / tokens}")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if config.clip > 0:
+    with talking():  # DDP averages the gradients over the processes during the backward
+        (loss_sum * dist.world / tokens).backward()  # so this is the global batch's mean loss
+    if config.clip > 0:  # the same averaged gradients on every rank, so the same clipping
         torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.clip)
     optimizer.step()
     run.carried = detach_state(state)
-    run.advance(Y.numel(), per_epoch)
-    meter.loss, meter.tokens = meter.loss + loss.item() * Y.numel(), meter.tokens + Y.numel()
+    run.advance(tokens, per_epoch)
+    meter.loss, meter.tokens = meter.loss + total, meter.tokens + tokens
     meter.seconds += time.perf_counter() - t0
-    return loss.item()
+    return total / tokens
 
 
 def report(config: TrainConfig, data: Dataset, model: LanguageModel, optimizer: torch.optim.Optimizer,
            run: RunState, meter: Meter, per_epoch: int, started: float, bar,
-           on_epoch: Optional[Callable[[dict], None]]) -> dict:
-    """Evaluate; stop if training diverged; save the checkpoint; log a metrics line and predictions."""
+           on_epoch: Optional[Callable[[dict], None]], dist: Dist = Dist()) -> dict:
+    """Evaluate; stop if training diverged; save the checkpoint; log a metrics line and predictions.
+
+    Every process evaluates its share of the validation text; rank 0 alone writes and prints."""
     from .generate import predict  # generation imports the model; keep train importable alone
 
     run.elapsed = time.perf_counter() - started
-    val_nll, _ = evaluate(model, data.val_ids, 32, config.num_steps)
+    validated = len(data.val_ids) > 1  # --val-fraction 0 (or a tail too short to predict): training only
+    val_nll = evaluate(model, data.val_ids, 32, config.num_steps, dist)[0] if validated else math.nan
     row = dict(epoch=round(run.epoch + run.batch / per_epoch, 4), step=run.step, tokens=run.tokens,
-               train_ppl=perplexity(meter.loss / max(meter.tokens, 1)), val_ppl=perplexity(val_nll),
+               train_ppl=perplexity(meter.loss / max(meter.tokens, 1)), val_ppl=perplexity(val_nll) if validated else None,
                tokens_per_s=meter.tokens / max(meter.seconds, 1e-9), elapsed=run.elapsed,
                lr=optimizer.param_groups[0]["lr"])
-    if math.isinf(row["train_ppl"]) or math.isinf(row["val_ppl"]) or (len(data.val_ids) > 1 and val_nll != val_nll):
+    if math.isinf(row["train_ppl"]) or (validated and not math.isfinite(row["val_ppl"])):
         raise diverged(config, f"epoch {row['epoch']:.2f}",
                        f"the perplexity is {row['train_ppl']} (train), {row['val_ppl']} (val)")
     meter.loss, meter.tokens, meter.seconds = 0.0, 0, 0.0
-    run.save(config, model, data.vocab, optimizer)
-    with (Path(config.out) / METRICS).open("a") as f:
-        f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                            for k, v in row.items()}) + "\n")
-    bar.console.print(f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  val ppl {row['val_ppl']:.3f}  "
+    if not dist.main:
+        run.save(config, model, data.vocab, optimizer, dist)  # gives rank 0 its rows of the carried state
+        return row
+    # the row goes first: the checkpoint records how much of metrics.jsonl is its own
+    checkpoint.append_metrics(Path(config.out), row)
+    run.save(config, model, data.vocab, optimizer, dist)
+    val = f"val ppl {row['val_ppl']:.3f}  " if validated else ""
+    bar.console.print(f"epoch {row['epoch']:.2f}  train ppl {row['train_ppl']:.3f}  {val}"
                       f"{row['tokens_per_s']:,.0f} tok/s  lr {row['lr']:.2e}  {row['elapsed']:.0f}s", highlight=False)
     prefixes = config.prefixes or [data.vocab.decode(data.val_ids[:8] if len(data.val_ids) >= 8 else data.train_ids[:8])]
     for p in prefixes:
@@ -355,14 +468,15 @@ def report(config: TrainConfig, data: Dataset, model: LanguageModel, optimizer: 
 
 
 def stop(config: TrainConfig, model: LanguageModel, data: Dataset, optimizer: torch.optim.Optimizer,
-         run: RunState, elapsed: float, bar) -> None:
-    """Ctrl-C: save where the run stands and raise KeyboardInterrupt."""
+         run: RunState, elapsed: float, bar, stopped: Stopped, dist: Dist = Dist()) -> None:
+    """Ctrl-C, SIGTERM or SIGHUP (on any process): save where the run stands and raise ``stopped``."""
     run.elapsed = elapsed
-    run.save(config, model, data.vocab, optimizer)
+    run.save(config, model, data.vocab, optimizer, dist)
     bar.stop()
-    _log(f"interrupted: checkpoint saved to {Path(config.out) / checkpoint.CHECKPOINT}; "
-         f"continue with: grulab train --resume --out {config.out}")
-    raise KeyboardInterrupt
+    if dist.main:
+        _log(f"interrupted at epoch {run.epoch + 1}, batch {run.batch}: checkpoint saved to "
+             f"{Path(config.out) / checkpoint.CHECKPOINT}; continue with: grulab train --resume --out {config.out}")
+    raise stopped
 
 
 def diverged(config: TrainConfig, where: str, what: str) -> GrulabError:
@@ -375,12 +489,15 @@ def diverged(config: TrainConfig, where: str, what: str) -> GrulabError:
 
 # ---------------------------------------------------------------------------- helpers
 @torch.no_grad()
-def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int = 32, num_steps: int = 64) -> tuple[float, int]:
+def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int = 32, num_steps: int = 64,
+             dist: Dist = Dist()) -> tuple[float, int]:
     """Mean negative log-likelihood (nats/token) of ``ids`` under the model, and the token count.
 
     The text is laid out as up to ``batch_size`` contiguous rows and read
     ``num_steps`` at a time with the state carried, so every token but the
     first of each row is predicted from all the text before it in its row.
+    Under torchrun each process reads its block of the rows and the sums are
+    added up, weighted by tokens: every process gets the whole text's value.
     """
     n = len(ids) - 1
     if n < 1:
@@ -389,14 +506,16 @@ def evaluate(model: LanguageModel, ids: torch.Tensor, batch_size: int = 32, num_
     model.eval()
     rows = max(1, min(batch_size, n // max(num_steps, 1)))
     length = n // rows
-    xs = ids[: rows * length].view(rows, length)  # (R, L)
-    ys = ids[1 : rows * length + 1].view(rows, length)  # (R, L)
+    mine = dist.rows(rows) if rows >= dist.world else slice(dist.rank, dist.rank + 1)  # few rows: one each
+    xs = ids[: rows * length].view(rows, length)[mine]  # (r, L)
+    ys = ids[1 : rows * length + 1].view(rows, length)[mine]  # (r, L)
     state, total = None, 0.0
-    for start in range(0, length, num_steps):
-        logits, state = model(xs[:, start : start + num_steps], state)  # (R, T, V)
+    for start in range(0, length if len(xs) else 0, num_steps):
+        logits, state = model(xs[:, start : start + num_steps], state)  # (r, T, V)
         total += F.cross_entropy(logits.flatten(0, 1), ys[:, start : start + num_steps].flatten(), reduction="sum").item()
     model.train(was_training)
-    return total / (rows * length), rows * length
+    total, count = dist.sum(total, ys.numel())
+    return total / count, int(count)
 
 
 def perplexity(nll: float) -> float:
@@ -425,30 +544,6 @@ def lr_at(config: TrainConfig, progress: float) -> float:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-class _DeferredInterrupt:
-    """The first Ctrl-C only asks the loop to stop after the current batch (so the
-    checkpoint it saves is consistent); a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this batch (Ctrl-C again to quit without saving)", flush=True)
-
-    def __enter__(self) -> "_DeferredInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _log(msg: str) -> None:

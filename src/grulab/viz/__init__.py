@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -65,6 +66,17 @@ SATURATION_LOW = 0.1
 SATURATION_HIGH = 0.9
 #: Next-token guesses kept per position.
 TOP_K = 5
+#: The page's size budget. A page holds, per token, the token, its next-token guesses and gate
+#: means (~250 bytes) and two gates' values for every unit of every layer (~4 bytes each).
+PAGE_BYTES = 20_000_000
+#: Tokens a page shows at most, however small the model (more is unreadable, and slow to trace).
+PAGE_TOKENS = 10_000
+
+
+def max_tokens(hidden: int, layers: int = 1) -> int:
+    """The most tokens a page shows: under :data:`PAGE_BYTES` of page (5,900 for a 1×384 GRU) and
+    at most :data:`PAGE_TOKENS`; tracing them takes well under 1 GB of memory."""
+    return max(1, min(PAGE_TOKENS, PAGE_BYTES // (300 + 2 * 4 * hidden * layers)))
 
 PathLike = Union[str, Path]
 
@@ -299,6 +311,7 @@ def render(model, vocab, text: str, out_path: PathLike, title: Optional[str] = N
     ``idx_to_token``. Tokens the vocabulary does not know are read as <unk>
     (with a warning) and still shown as written.
 
+    A text longer than :func:`max_tokens` is cut to its start, with a warning.
     Raises GrulabError (one line) for an unsupported suffix, an empty text or
     a model that is neither a GRU nor a minGRU.
     """
@@ -309,10 +322,16 @@ def render(model, vocab, text: str, out_path: PathLike, title: Optional[str] = N
             f"cannot write {out_path.name!r}: the output must end in .html (interactive page) "
             f"or .png (heatmap), not {suffix or 'nothing'!r}"
         )
-    _check_gru(model)
+    rnn = _check_gru(model)
     tokens = tokenize(text or "", vocab.level)
     if not tokens:
         raise GrulabError("the text to visualise is empty; give some text with --text or --file")
+    limit = max_tokens(rnn.hidden_size, rnn.num_layers)
+    if len(tokens) > limit:  # cut before tracing: the trace of a long text alone would take gigabytes
+        warnings.warn(f"the text has {len(tokens):,} tokens; the page shows the first {limit:,} (at most "
+                      f"{PAGE_TOKENS:,}, and under {PAGE_BYTES // 1_000_000} MB of page for this "
+                      f"{rnn.num_layers}×{rnn.hidden_size} {'GRU' if isinstance(rnn, GRU) else 'minGRU'}); give a shorter passage to see another part", stacklevel=2)
+        tokens = tokens[:limit]
     ids = encode_warning(vocab, tokens, "the text")
     unknown = [i == vocab.unk and tok != "<unk>" for tok, i in zip(tokens, ids)]
 

@@ -1,0 +1,230 @@
+"""Training under torchrun: real processes, gloo on 127.0.0.1, tiny models, few steps.
+
+A distributed run must be the one-process run given the same (global) batch,
+to float tolerance; its checkpoints load and resume on any number of
+processes; a dead rank, torchrun's SIGTERM and an elastic restart each end or
+go on cleanly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from grulab import checkpoint
+from grulab.train import TrainConfig, read_metrics, resume_config, train
+
+TEXT = "the cat sat on the mat; the dog dug in the fog. " * 60  # 2,940 chars
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "cats.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def settings(corpus, out, **kw) -> dict:
+    """A tiny run: SGD-free Adam, constant lr, no dropout, an odd global batch (3 + 2 rows on 2 ranks)."""
+    d = dict(corpus=str(corpus), hidden=16, embed=8, batch_size=5, num_steps=8, epochs=1, max_minutes=0.0,
+             lr=1e-2, clip=0.5, schedule="constant", dropout=0.0, seed=7, out=str(out), prefixes=["the "],
+             predict_length=4, progress=False, threads=1, val_fraction=0.2, timeout=60.0)
+    d.update(kw)
+    return d
+
+
+def flags(d: dict) -> list[str]:
+    """The command line of a settings dict."""
+    out = []
+    for k, v in d.items():
+        name = "--" + k.replace("_", "-")
+        if k == "progress":
+            out += [] if v else ["--no-progress"]
+        elif k == "prefixes":
+            out += ["--prefix", *v]
+        else:
+            out += [name, str(v)]
+    return out
+
+
+def torchrun(args: list[str], nproc: int = 2, extra: tuple = (), log: Path = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--monitor-interval=0.1", *extra, "-m", "grulab", "train", *args]
+    f = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 120) -> tuple[int, str]:
+    rc = proc.wait(timeout)
+    return rc, log.read_text()
+
+
+def weights(run) -> dict:
+    return checkpoint.load(run).model.state_dict()
+
+
+def close_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+def wait_for(predicate, timeout: float = 90, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker(agent: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank."""
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under pid {agent}")
+
+
+def serial(run: Path) -> int:
+    try:
+        return json.loads((run / "checkpoint" / "config.json").read_text()).get("serial", 0)
+    except (OSError, ValueError):
+        return -1
+
+
+# ---------------------------------------------------------------------------- the same run on 1 and 2 processes
+@pytest.mark.parametrize("sampling", ["sequential", "random"])
+def test_two_processes_equal_one_process_given_the_global_batch(corpus, tmp_path, sampling):
+    """Rows split 3 + 2; sequential batches carry each rank's state; the loss is the global batch's mean,
+    so the clipped gradient is the one process's. Metrics (val reduced over ranks) agree too."""
+    cfg = settings(corpus, tmp_path / "two", sampling=sampling, eval_every=7)
+    proc = torchrun(flags(cfg), log=tmp_path / "log")
+    train(TrainConfig(**{**cfg, "out": str(tmp_path / "one")}))
+    rc, log = finish(proc, tmp_path / "log")
+    assert rc == 0, log
+    close_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    two, one = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [r["step"] for r in one] and len(one) >= 2
+    for a, b in zip(two, one):
+        assert a["tokens"] == b["tokens"]  # global tokens
+        assert_close(a["val_ppl"], b["val_ppl"], rtol=1e-4, atol=0)
+        assert_close(a["train_ppl"], b["train_ppl"], rtol=1e-4, atol=0)
+    assert "2 processes, 1 thread per process (--threads)" in log
+    assert log.count("grulab train:") == 1  # rank 0 alone prints
+    assert not list(checkpoint.load(tmp_path / "two").model.buffers())  # DDP would broadcast buffers from rank 0
+
+
+# ---------------------------------------------------------------------------- checkpoints: 2 -> 1 -> 2 processes
+def test_checkpoint_round_trip_distributed_single_distributed(corpus, tmp_path):
+    """Epoch 1 on 2 processes (grulab train --nproc 2), epoch 2 on one, epoch 3 on 2 (torchrun):
+    the same weights as 3 epochs on one process, and generate/eval read the distributed checkpoint."""
+    run = tmp_path / "run"
+    cfg = settings(corpus, run)
+    straight = subprocess.Popen([sys.executable, "-c", "from grulab.train import TrainConfig, train; import sys, json; "
+                                 "train(TrainConfig(**json.loads(sys.argv[1])))",
+                                 json.dumps({**cfg, "epochs": 3, "out": str(tmp_path / "straight")})])
+    first = subprocess.run([sys.executable, "-m", "grulab", "train", "--nproc", "2", *flags(cfg)],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    gen = subprocess.run([sys.executable, "-m", "grulab", "generate", str(run), "--prefix", "the ", "--length", "5",
+                          "--seed", "1"], capture_output=True, text=True, timeout=60)
+    assert gen.returncode == 0 and gen.stdout.startswith("the "), gen.stderr
+    ev = subprocess.run([sys.executable, "-m", "grulab", "eval", str(run), str(corpus), "--json"],
+                        capture_output=True, text=True, timeout=60)
+    assert ev.returncode == 0 and json.loads(ev.stdout)["perplexity"] > 1, ev.stderr
+
+    train(resume_config(run, epochs=2))  # one process
+    log = tmp_path / "log"
+    rc, text = finish(torchrun(["--resume", "--out", str(run), "--epochs", "3", "--no-progress"], log=log), log)
+    assert rc == 0, text
+    assert "resumed at epoch 3" in text
+    assert straight.wait(120) == 0
+    close_weights(weights(run), weights(tmp_path / "straight"))
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == \
+        [r["step"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+
+
+# ---------------------------------------------------------------------------- faults
+def long_run(corpus, out, **kw) -> list[str]:
+    return flags(settings(corpus, out, epochs=200, eval_every=10, **kw))
+
+
+def test_a_killed_rank_ends_the_run_with_a_clear_message(corpus, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = torchrun(long_run(corpus, run), log=log)
+    try:
+        wait_for(lambda: serial(run) >= 1, what="the first checkpoint")
+        os.kill(worker(proc.pid, 1), signal.SIGKILL)
+        t0 = time.monotonic()
+        rc, text = finish(proc, log, timeout=60)
+    finally:
+        proc.kill()
+    assert rc != 0 and time.monotonic() - t0 < 45
+    assert "lost contact with the other processes" in text or "stopped by SIGTERM" in text, text
+    assert "src/grulab/" not in text and "site-packages/grulab/" not in text, text  # no traceback of ours
+    checkpoint.load(run, with_training_state=True)  # the last checkpoint is intact
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_batch_and_saves(corpus, tmp_path):
+    """The save lands inside an epoch, with both ranks' carried state: resumed on one process to the
+    end of that epoch, the run ends with the weights of one that never stopped."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = torchrun(long_run(corpus, run), log=log)
+    try:
+        wait_for(lambda: serial(run) >= 2, what="two checkpoints")
+        before = serial(run)
+        proc.send_signal(signal.SIGTERM)
+        rc, text = finish(proc, log, timeout=60)
+    finally:
+        proc.kill()
+    assert rc != 0
+    assert "interrupted at epoch" in text and "checkpoint saved" in text, text
+    ckpt = checkpoint.load(run, with_training_state=True)
+    assert serial(run) > before
+    assert ckpt.extra["state_h"].shape[1] == 5  # both ranks' rows: they stopped at the same batch
+    rows = read_metrics(run / "metrics.jsonl")
+    assert ckpt.progress["step"] >= rows[-1]["step"]
+    epochs = ckpt.progress["epoch"] + 1
+    train(resume_config(run, epochs=epochs))  # one process, from the two processes' mid-epoch state
+    train(TrainConfig(**settings(corpus, tmp_path / "straight", epochs=epochs, eval_every=10)))
+    close_weights(weights(run), weights(tmp_path / "straight"))
+
+
+def test_an_elastic_restart_resumes_from_the_checkpoint(corpus, tmp_path):
+    """torchrun --max-restarts 1: a killed rank restarts the group, which resumes by itself and ends
+    where a run that was never killed ends."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    cfg = settings(corpus, run, epochs=4, eval_every=10)
+    proc = torchrun(flags(cfg), extra=("--max-restarts=1",), log=log)
+    straight = tmp_path / "straight"
+    try:
+        train(TrainConfig(**{**cfg, "out": str(straight)}))
+        wait_for(lambda: serial(run) >= 1, what="the first checkpoint")
+        os.kill(worker(proc.pid, 1), signal.SIGKILL)
+        rc, text = finish(proc, log, timeout=120)
+    finally:
+        proc.kill()
+    assert rc == 0, text
+    assert "restarted by torchrun: resuming the run" in text, text
+    assert checkpoint.load(run).progress["epoch"] == 4
+    close_weights(weights(run), weights(straight))
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert steps == sorted(set(steps))  # the rows after the checkpoint were trimmed, not doubled
