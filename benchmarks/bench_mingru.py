@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         section = lm_section(args, argv)
         print("\n" + section)
         if not args.no_write:
-            write_section(args.out, section, f"lm threads={torch.get_num_threads()}")
+            write_section(args.out, section, f"bench_mingru lm threads={torch.get_num_threads()}")
             print(f"\nwrote its section of {args.out}")
         if args.part == "lm":
             return 0
