@@ -9,8 +9,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import struct
 import subprocess
 import sys
 import tempfile

@@ -31,11 +31,8 @@ TINY = ["--hidden", "8", "--embed", "0", "--batch-size", "4", "--num-steps", "8"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs torch on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture
@@ -99,7 +96,9 @@ def test_model_fields_are_declared_once_and_derived():
 def test_errors_name_the_parameter_and_the_cli_names_the_flag(capsys):
     with pytest.raises(ConfigError, match=r"^hidden must be a positive integer up to 65,536, got -3$"):
         TrainConfig(hidden=-3)
-    with pytest.raises(ConfigError, match=r"^cell must be one of rnn, gru, lstm, got 'foo'$"):
+    from grulab.model import CELLS
+
+    with pytest.raises(ConfigError, match=rf"^cell must be one of {re.escape(', '.join(CELLS))}, got 'foo'$"):
         ModelConfig(vocab_size=5, cell="foo")
     with pytest.raises(ConfigError, match="^impl must be auto, fused or reference for the reset-before GRU"):
         TrainConfig(reset_after=False, impl="torch")

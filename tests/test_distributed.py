@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from torch.testing import assert_close
 
 from grulab import checkpoint
@@ -33,11 +32,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here runs torch on one thread (conftest.one_thread)."""
 
 
 def settings(corpus, out, **kw) -> dict:

@@ -6,16 +6,7 @@ import torch
 
 from grulab import fused, kernels, native, reference
 
-# Every fused kernel; each test runs on all of them that this machine can run.
 TIERS = [k.name for k in kernels.KERNELS if k.impl == "fused"]
-
-
-@pytest.fixture(params=TIERS)
-def tier(request) -> str:
-    why = kernels.BY_NAME[request.param].why_not(kernels.Query())
-    if why is not None:
-        pytest.skip(f"{request.param}: {why}")
-    return request.param
 
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}

@@ -10,17 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grulab import fused, kernels
+from grulab import fused
 
-TIERS = [k.name for k in kernels.KERNELS if k.impl == "fused"]
-
-
-@pytest.fixture(params=TIERS)
-def tier(request) -> str:
-    why = kernels.BY_NAME[request.param].why_not(kernels.Query())
-    if why is not None:
-        pytest.skip(f"{request.param}: {why}")
-    return request.param
 
 
 def pattern(t: torch.Tensor) -> torch.Tensor:

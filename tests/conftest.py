@@ -1,0 +1,25 @@
+"""Fixtures shared by several test files."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grulab import kernels
+
+
+@pytest.fixture(params=[k.name for k in kernels.KERNELS if k.impl == "fused"])
+def tier(request) -> str:
+    """Every fused kernel; a test taking it runs on each one this machine can run."""
+    why = kernels.BY_NAME[request.param].why_not(kernels.Query())
+    if why is not None:
+        pytest.skip(f"{request.param}: {why}")
+    return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (small models: results then match across processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
