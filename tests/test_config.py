@@ -99,7 +99,7 @@ def test_model_fields_are_declared_once_and_derived():
 def test_errors_name_the_parameter_and_the_cli_names_the_flag(capsys):
     with pytest.raises(ConfigError, match=r"^hidden must be a positive integer up to 65,536, got -3$"):
         TrainConfig(hidden=-3)
-    with pytest.raises(ConfigError, match=r"^cell must be one of rnn, gru, lstm, got 'foo'$"):
+    with pytest.raises(ConfigError, match=r"^cell must be one of rnn, gru, lstm, mingru, mingru-block, got 'foo'$"):
         ModelConfig(vocab_size=5, cell="foo")
     with pytest.raises(ConfigError, match="^impl must be auto, fused or reference for the reset-before GRU"):
         TrainConfig(reset_after=False, impl="torch")
