@@ -118,3 +118,23 @@ def test_d2l_init_refused_for_the_block(tmp_path, capsys, monkeypatch):
     assert error_lines(capsys.readouterr().err) == ["grulab: error: --init must be torch for --cell mingru-block (the notes' "
                                         "N(0, 0.01²) weights would all but zero its LayerNorms), got 'd2l'"]
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_checkpoint_whose_weights_do_not_fit_is_one_line(tmp_path, cell):
+    """The checkpoint check computes shapes for rnn/gru/lstm only; a minGRU's mismatch is still one clear line."""
+    from grulab.data import Vocab
+    from grulab.errors import GrulabError
+    from grulab.model import LanguageModel, ModelConfig
+
+    vocab = Vocab("the cat sat on the mat")
+    model = LanguageModel(ModelConfig(vocab_size=len(vocab), cell=cell, hidden=8, embed=4))
+    checkpoint.save(tmp_path / "run", model, vocab, {}, {})
+    assert checkpoint.load(tmp_path / "run").model.config == model.config  # as saved: it loads
+    path = tmp_path / "run" / "checkpoint" / "config.json"
+    config = json.loads(path.read_text())
+    config["model"]["hidden"] = 9
+    path.write_text(json.dumps(config))
+    with pytest.raises(GrulabError) as e:
+        checkpoint.load(tmp_path / "run")
+    assert "do not fit the model in config.json" in str(e.value) and "\n" not in str(e.value)

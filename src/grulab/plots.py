@@ -132,7 +132,7 @@ def gate_heatmap(
     if "r" in record:
         means.plot(steps, r.mean(0), color="#2d6e28", lw=1.2, ls="--", label="mean r")
     means.set_ylim(0, 1)
-    means.set_ylabel("mean of units")
+    means.set_ylabel("mean")
     means.legend(loc="upper right", fontsize=8, frameon=False, ncol=2)
     means.spines[["top", "right"]].set_visible(False)
     if T <= 100:
