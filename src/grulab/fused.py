@@ -357,10 +357,11 @@ def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
     if backend == "torch":
         return "fused-torch"
     if backend == "native":
-        for name in ("native-avx512", "native-avx2", "native-generic"):
-            why = kernels.BY_NAME[name].why_not(kernels.Query(x.device.type, x.dtype, reset_after))
-            if why is None:
-                return name
+        for k in kernels.KERNELS:  # in grulab.kernels' order of preference
+            if k.name.startswith("native-"):
+                why = k.why_not(kernels.Query(x.device.type, x.dtype, reset_after))
+                if why is None:
+                    return k.name
         raise RuntimeError(f"grulab: native GRU tier unavailable ({why})")
     k = kernels.BY_NAME.get(backend)
     if k is None or k.impl != "fused":

@@ -42,6 +42,29 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be {what}, got {value}")
 
 
+def _check_stack(input_size, hidden_size, num_layers, dropout) -> None:
+    """The size and dropout checks of torch.nn.GRU's constructor (also MinGRU's)."""
+    _check_int("input_size", input_size, 1)
+    _check_int("hidden_size", hidden_size, 1)
+    _check_int("num_layers", num_layers, 1)
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, numbers.Number)
+        or not 0 <= dropout <= 1
+    ):
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the "
+            f"probability of an element being zeroed, got {dropout!r}"
+        )
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but last recurrent layer, so non-zero "
+            f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+            f"num_layers={num_layers}",
+            stacklevel=3,
+        )
+
+
 def _check_options(reset_after, impl) -> None:
     if not isinstance(reset_after, bool):
         raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
@@ -132,25 +155,7 @@ class GRU(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_layers", num_layers, 1)
-        if (
-            isinstance(dropout, bool)
-            or not isinstance(dropout, numbers.Number)
-            or not 0 <= dropout <= 1
-        ):
-            raise ValueError(
-                "dropout should be a number in range [0, 1] representing the "
-                f"probability of an element being zeroed, got {dropout!r}"
-            )
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero "
-                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
-                f"num_layers={num_layers}",
-                stacklevel=2,
-            )
+        _check_stack(input_size, hidden_size, num_layers, dropout)
         _check_options(reset_after, impl)
         self.mode = "GRU"
         self.input_size = input_size

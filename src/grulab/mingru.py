@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -54,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .gru import _check_int
+from .gru import _check_int, _check_stack
 
 __all__ = ["MinGRU", "MinGRUBlocks", "MinGRUTrace", "g", "log_g", "mingru_step", "mingru_layer"]
 
@@ -292,21 +291,7 @@ class MinGRU(nn.Module):
         scan: str = "fused",
     ) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_layers", num_layers, 1)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1:
-            raise ValueError(
-                "dropout should be a number in range [0, 1] representing the "
-                f"probability of an element being zeroed, got {dropout!r}"
-            )
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero "
-                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
-                f"num_layers={num_layers}",
-                stacklevel=2,
-            )
+        _check_stack(input_size, hidden_size, num_layers, dropout)
         if candidate not in CANDIDATES:
             raise ValueError(f"candidate must be one of {', '.join(map(repr, CANDIDATES))}, got {candidate!r}")
         if scan not in SCANS:
