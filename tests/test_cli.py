@@ -218,22 +218,29 @@ def _bad_cases(work: Path, run: Path) -> dict[str, tuple[list, int, str]]:
     truncated = damaged("truncated", lambda ck: (ck / "model.safetensors").write_bytes(
         (ck / "model.safetensors").read_bytes()[:100]))
 
-    train = ["train", "--corpus", work / "corpus.txt", "--out", work / "bad-run", *TINY, "--epochs", "1"]
+    # each case its own --out: the sample below runs as concurrent processes, and two runs on one
+    # --out are refused ("in use by another grulab process"), which would hide the error under test
+    def train_on(corpus: str, case: str) -> list:
+        return ["train", "--corpus", work / corpus, "--out", work / f"bad-run-{case}", *TINY]
+
+    def train(case: str) -> list:
+        return [*train_on("corpus.txt", case), "--epochs", "1"]
+
     return {
-        "missing-file": (["train", "--corpus", work / "missing.txt", "--out", work / "bad-run", *TINY], 1, "not found"),
-        "empty-file": (["train", "--corpus", work / "empty.txt", "--out", work / "bad-run", *TINY], 1, "empty"),
-        "binary-file": (["train", "--corpus", work / "binary.bin", "--out", work / "bad-run", *TINY], 1, "binary"),
-        "non-utf8-file": (["train", "--corpus", work / "latin1.txt", "--out", work / "bad-run", *TINY], 1, "UTF-8"),
-        "directory": (["train", "--corpus", work / "a-directory", "--out", work / "bad-run", *TINY], 1, "directory"),
-        "too-short": (["train", "--corpus", work / "short.txt", "--out", work / "bad-run", *TINY], 1, "too short"),
-        "hidden-negative": ([*train, "--hidden", "-3"], 2, "--hidden"),
-        "hidden-zero": ([*train, "--hidden", "0"], 2, "--hidden"),
-        "lr-nan": ([*train, "--lr", "nan"], 2, "--lr"),
-        "lr-zero": ([*train, "--lr", "0"], 2, "--lr"),
-        "dropout-1.5": ([*train, "--dropout", "1.5"], 2, "--dropout"),
-        "cell-foo": ([*train, "--cell", "foo"], 2, "--cell"),
-        "hidden-abc": ([*train, "--hidden", "abc"], 2, "--hidden"),
-        "unknown-flag": ([*train, "--hiden", "3"], 2, "--hiden"),
+        "missing-file": (train_on("missing.txt", "missing-file"), 1, "not found"),
+        "empty-file": (train_on("empty.txt", "empty-file"), 1, "empty"),
+        "binary-file": (train_on("binary.bin", "binary-file"), 1, "binary"),
+        "non-utf8-file": (train_on("latin1.txt", "non-utf8-file"), 1, "UTF-8"),
+        "directory": (train_on("a-directory", "directory"), 1, "directory"),
+        "too-short": (train_on("short.txt", "too-short"), 1, "too short"),
+        "hidden-negative": ([*train("hidden-negative"), "--hidden", "-3"], 2, "--hidden"),
+        "hidden-zero": ([*train("hidden-zero"), "--hidden", "0"], 2, "--hidden"),
+        "lr-nan": ([*train("lr-nan"), "--lr", "nan"], 2, "--lr"),
+        "lr-zero": ([*train("lr-zero"), "--lr", "0"], 2, "--lr"),
+        "dropout-1.5": ([*train("dropout-1.5"), "--dropout", "1.5"], 2, "--dropout"),
+        "cell-foo": ([*train("cell-foo"), "--cell", "foo"], 2, "--cell"),
+        "hidden-abc": ([*train("hidden-abc"), "--hidden", "abc"], 2, "--hidden"),
+        "unknown-flag": ([*train("unknown-flag"), "--hiden", "3"], 2, "--hiden"),
         "generate-missing-dir": (["generate", work / "no-such-run", "--length", "5"], 1, "no-such-run"),
         "generate-corrupt-config": (["generate", corrupt_config, "--length", "5"], 1, "config.json"),
         "generate-vocab-mismatch": (["generate", vocab_mismatch, "--length", "5"], 1, "vocab"),
