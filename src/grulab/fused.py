@@ -83,7 +83,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import kernels, native
+from . import kernels, native, threads
 
 __all__ = ["gru_layer", "gru_step", "backend", "native_available", "release_scratch"]
 
@@ -312,18 +312,25 @@ class _TorchTier:
 
 
 class _NativeTier:
-    """Thin adapter to the C++ extension; ``isa`` picks the instruction set's loops."""
+    """Thin adapter to the C++ extension; ``isa`` picks the instruction set's loops.
+
+    The time loops' thread count is chosen per call shape by :mod:`grulab.threads`
+    (measured, so a core taken by another process does not stall every step)."""
 
     @staticmethod
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool, isa: str):
-        out, h_T, saved = native.load().forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, isa)
+        key = ("forward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, save)
+        out, h_T, saved = threads.timed(key, lambda n: native.load().forward(
+            x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, isa, n))
         return out, h_T, ((saved,) if save else None)
 
     @staticmethod
     def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
                  has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool, isa: str):
-        return tuple(native.load().backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0],
-                                            reset_after, has_b_ih, has_b_hh, need_x, need_h0, isa))
+        key = ("backward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, need_x)
+        return tuple(threads.timed(key, lambda n: native.load().backward(
+            grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0], reset_after, has_b_ih, has_b_hh,
+            need_x, need_h0, isa, n)))
 
     @staticmethod
     def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):

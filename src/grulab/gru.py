@@ -17,6 +17,7 @@ are added:
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -278,11 +279,7 @@ class GRU(nn.Module):
         elif self.batch_first:
             input = input.transpose(0, 1)  # (T, B, I)
 
-        impl = resolve_impl(self.impl, self.reset_after, input.device)
-        if impl == "torch":
-            output, h_n = self._forward_torch(input, hx)
-        else:
-            output, h_n = self._forward_layers(input, hx, _layer_fn(impl))
+        output, h_n = self._run(input, hx, self._kernel(input, hx))
 
         if not batched:
             return output.squeeze(1), h_n.squeeze(1)
@@ -323,6 +320,26 @@ class GRU(nn.Module):
             output = output[:, sorted_idx]  # the packed layout is sorted by length
         data = torch.cat([output[t, :n] for t, n in enumerate(packed.batch_sizes.tolist())])
         return PackedSequence(data, packed.batch_sizes, sorted_idx, packed.unsorted_indices), h_n
+
+    def _kernel(self, input: Tensor, hx: Optional[Tensor]) -> str:
+        """Who runs this call: "torch", "reference", "fused", or a fused kernel's name.
+
+        ``impl="auto"`` on the CPU is measured per call signature (:mod:`grulab.autotune`)."""
+        if self.impl == "auto" and input.device.type == "cpu" and not torch.compiler.is_compiling():
+            from . import autotune
+
+            return autotune.choose(self, input, hx, self._run)
+        return resolve_impl(self.impl, self.reset_after, input.device)
+
+    def _run(self, input: Tensor, hx: Optional[Tensor], kernel: str) -> tuple[Tensor, Tensor]:
+        """The stack on input (T, B, I) with ``kernel`` (as :meth:`_kernel` names it)."""
+        if kernel == "torch":
+            return self._forward_torch(input, hx)
+        if kernel in ("reference", "fused"):
+            return self._forward_layers(input, hx, _layer_fn(kernel))
+        from . import fused
+
+        return self._forward_layers(input, hx, functools.partial(fused.gru_layer, backend=kernel))
 
     def _initial_state(self, input: Tensor) -> Tensor:
         num_directions = 2 if self.bidirectional else 1

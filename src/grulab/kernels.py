@@ -19,7 +19,9 @@ kernel                    what it is
 
 ``impl="fused"`` means the first of the native kernels this CPU runs, else
 ``fused-torch``; ``impl="auto"`` means ``torch`` (cuDNN) on CUDA for the
-reset-after cell and the ``fused`` choice everywhere else.
+reset-after cell and, on the CPU, the candidate measured fastest for the
+call's shape (:mod:`grulab.autotune`; this order is its starting point and the
+choice when measuring is off, while compiling, and for single steps).
 
 ``GRULAB_KERNEL=<kernel>`` forces the kernel of every fused call (tests use it
 to run each path the machine can run); forcing one that cannot run raises a
@@ -150,7 +152,7 @@ def select(impl: str = "auto", query: Query = Query()) -> Kernel:
 
 def report(query: Query = Query()) -> str:
     """A plain-text table: the CPU, where the native extension came from, and each kernel."""
-    lines = [f"CPU: {_cpu_model()}"]
+    lines = [f"CPU: {cpu_model()}"]
     mod = native.load()
     lines.append(f"native extension: {native.origin} " if mod is not None
                  else f"native extension: unavailable ({native.error()})")
@@ -161,10 +163,30 @@ def report(query: Query = Query()) -> str:
         for k, why, chosen in explain(impl, query):
             mark = "->" if chosen else "  "
             lines.append(f"  {mark} {k.name:<15} {'runs' if why is None else 'no: ' + why}   ({k.doc})")
+    lines += _measured_lines()
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
+def _measured_lines() -> list[str]:
+    """grulab.autotune's choices recorded for this machine, for :func:`report`."""
+    from . import autotune
+
+    if not autotune.enabled():
+        return [f"impl='auto' on the CPU: measuring is off ({autotune.ENV}=0), the order above decides"]
+    choices = autotune.recorded()
+    lines = [f"impl='auto' on the CPU picks, per call signature, the kernel measured fastest; "
+             f"{len(choices)} recorded for this machine in {autotune.path()}"
+             + (":" if choices else " (none yet: the first call of each signature measures)")]
+    for key, entry in list(choices.items())[-20:]:
+        times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in sorted(entry.get("ms", {}).items(), key=lambda kv: kv[1]))
+        lines.append(f"  {key}: -> {entry.get('kernel')}   ({times})")
+    if len(choices) > 20:
+        lines.append(f"  ... and {len(choices) - 20} earlier ones")
+    return lines
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

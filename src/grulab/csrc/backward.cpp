@@ -22,7 +22,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
                                  const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
                                  const Tensor& out, const Tensor& saved, bool reset_after,
                                  bool has_b_ih, bool has_b_hh, bool need_x, bool need_h0,
-                                 const std::string& isa) {
+                                 const std::string& isa, int64_t threads) {
   const IsaOps& ops = ops_for(isa);
   const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
   const auto opts = x.options();
@@ -33,7 +33,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   Tensor dgh = reset_after ? scratch(kDgh, {Tn, B, 3 * H}, opts) : dgx;  // (T, B, 3H) hidden side
 
   const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous();
-  const int nt = loop_threads(B, H);
+  const int nt = loop_threads(B, H, threads);
   const int64_t go_step = grad_out.size(0) == 1 ? 0 : B * H;
   if (x.scalar_type() == at::kFloat) {
     // The packed path (float32, reset_after) packs all columns of W_hh into panels of ops.cols units.
@@ -61,7 +61,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
       dx = at::zeros({Tn * B, I}, opts);
       ops.gemm_packed_parallel(Tn * B, I, 3 * H, dgx.data_ptr<float>(), 3 * H,
                                w_ih.contiguous().data_ptr<float>(), I, dx.data_ptr<float>(), I,
-                               at::get_num_threads());
+                               threads > 0 ? static_cast<int>(threads) : at::get_num_threads());
     }
     if (!dx.defined()) {
       dx = at::empty({Tn * B, I}, opts);

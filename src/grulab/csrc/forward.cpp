@@ -38,7 +38,7 @@ void check_native_args(const Tensor& x, const Tensor& h, const Tensor& w_ih, con
 std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tensor& w_ih_,
                                 const Tensor& w_hh_, const std::optional<Tensor>& b_ih_,
                                 const std::optional<Tensor>& b_hh_, bool reset_after, bool save,
-                                const std::string& isa) {
+                                const std::string& isa, int64_t threads) {
   const IsaOps& ops = ops_for(isa);
   TORCH_CHECK(x_.dim() == 3 && h0_.dim() == 2, "grulab native GRU: x must be (T, B, I), h (B, H)");
   TORCH_CHECK(x_.size(0) > 0, "grulab native GRU: empty sequence (T == 0)");
@@ -67,7 +67,7 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
     ops.forward_packed(x.data_ptr<float>(), h0.data_ptr<float>(), w_ih.data_ptr<float>(),
                        w_hh.data_ptr<float>(), bias.data_ptr<float>(), Tn, B, I, H, save,
                        out.data_ptr<float>(), saved.data_ptr<float>(), pack_hh.data_ptr<float>(),
-                       pack_ih.data_ptr<float>(), loop_threads(B, H));
+                       pack_ih.data_ptr<float>(), loop_threads(B, H, threads));
     return {out, out[Tn - 1].clone(), saved};
   }
 
@@ -80,7 +80,7 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
     at::mm_out(gx2, x.view({Tn * B, I}), w_ih.t());
   }
   const Tensor b_hh_or_0 = b_hh.defined() ? b_hh : at::zeros({3 * H}, opts);  // (3H,)
-  const int nt = loop_threads(B, H);
+  const int nt = loop_threads(B, H, threads);
   if (x.scalar_type() == at::kFloat) {
     ops.forward_loop_f(gx.data_ptr<float>(), h0.data_ptr<float>(), w_hh.data_ptr<float>(),
                        b_hh_or_0.data_ptr<float>(), Tn, B, H, reset_after, save,

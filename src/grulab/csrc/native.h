@@ -23,12 +23,14 @@ void release_scratch();
 // The kernel table for `isa`; raises a RuntimeError naming the CPU's choices if it cannot run.
 const IsaOps& ops_for(const std::string& isa);
 
-// Threads for the time loop: torch's intra-op count, unless a step is so small
+// Threads for the time loop: `threads` if > 0 (the caller's contention-aware
+// choice, grulab.fused), else torch's intra-op count; 1 when a step is so small
 // that a barrier per step costs more than it saves.
-inline int loop_threads(int64_t B, int64_t H) {
+inline int loop_threads(int64_t B, int64_t H, int64_t threads = 0) {
   const int64_t macs_per_step = 3 * B * H * H;
   if (macs_per_step < (1 << 16)) return 1;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / 8)));
+  const int64_t want = threads > 0 ? threads : at::get_num_threads();
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, H / 8)));
 }
 
 // C = beta * C + A @ B on 2-D (possibly strided / transposed) views, all of torch's threads.
@@ -47,7 +49,7 @@ void check_native_args(const Tensor& x, const Tensor& h, const Tensor& w_ih, con
 std::vector<Tensor> gru_forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                                 const Tensor& w_hh, const std::optional<Tensor>& b_ih,
                                 const std::optional<Tensor>& b_hh, bool reset_after, bool save,
-                                const std::string& isa);
+                                const std::string& isa, int64_t threads);
 Tensor gru_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
                 const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                 bool reset_after, const std::string& isa);
@@ -56,6 +58,6 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out,
                                  const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
                                  const Tensor& out, const Tensor& saved, bool reset_after,
                                  bool has_b_ih, bool has_b_hh, bool need_x, bool need_h0,
-                                 const std::string& isa);
+                                 const std::string& isa, int64_t threads);
 
 }  // namespace grulab

@@ -1,0 +1,212 @@
+"""``impl="auto"`` on the CPU: the kernel measured fastest for the call's shape, remembered per machine.
+
+Which GRU kernel is fastest depends on the shape and the CPU: grulab's native
+loops win by a wide margin at small and middle sizes, while at large hidden
+sizes and batches torch.nn.GRU's per-step MKL calls can come close or win on
+some CPUs. So, like ``torch.backends.cudnn.benchmark``, the first time a
+``grulab.GRU(impl="auto")`` meets a call signature (sizes, layers, directions,
+dtype, cell form, whether a backward follows, thread count) it times every
+candidate that can run it, on random inputs of that shape, and keeps the
+fastest:
+
+* the first native kernel of :mod:`grulab.kernels` this CPU runs (AVX-512,
+  AVX2 or generic loops),
+* ``fused-torch``, the same algorithm in torch operations,
+* ``torch``, torch.nn.GRU's own kernels (``reset_after=True`` only).
+
+Timing is interleaved (each round times every candidate once), median of at
+least three rounds, forward plus ``torch.autograd.grad`` of the parameters when
+the call records a graph; a candidate more than 1.5× slower than the best after
+the first round is dropped. The global random state is restored afterwards, so
+measuring never changes a training run's dropout or sampling. A kernel other
+than the static choice must win by 3% to be taken, so near-ties do not flip
+between processes.
+
+Choices are kept in memory and in ``$GRULAB_CACHE/autotune/<machine>.json``
+(see :func:`grulab.data.default_cache_dir`), where the machine key hashes the
+CPU model, torch's version and the native sources: the next process on the
+same machine does not measure again. ``grulab kernels`` lists them;
+``GRULAB_AUTOTUNE=0`` turns measuring off (the static order of
+:mod:`grulab.kernels` then decides), and ``GRULAB_KERNEL`` forcing a kernel
+wins over both. Under ``torch.compile`` / ``torch.export`` the static choice is
+used (nothing is timed while tracing).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import kernels, native
+
+ENV = "GRULAB_AUTOTUNE"
+MARGIN = 1.03  # a candidate must beat the static choice by this factor to replace it
+DROP = 1.5  # after the first round, candidates this much slower than the best stop being timed
+MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 3, 7, 1.0  # rounds stop at MAX_ROUNDS or once BUDGET_S is spent
+MAX_ENTRIES = 512  # choices kept in the machine's file (the oldest go first)
+
+_choices: dict[str, str] = {}  # signature -> kernel name (this process)
+_lock = threading.Lock()
+_file_loaded = False
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def signature(module, input: torch.Tensor, hx: Optional[torch.Tensor], grad: bool) -> str:
+    """The call signature a choice is kept for (input is (T, B, I))."""
+    T, B, I = input.shape
+    return (f"T={T} B={B} I={I} H={module.hidden_size} layers={module.num_layers} "
+            f"dirs={2 if module.bidirectional else 1} bias={module.bias} "
+            f"dtype={str(input.dtype).replace('torch.', '')} reset_after={module.reset_after} "
+            f"h0={hx is not None} {'fwd+bwd' if grad else 'fwd'} "
+            f"dropout={module.dropout > 0 and module.training} threads={torch.get_num_threads()}")
+
+
+def candidates(query: kernels.Query) -> list[str]:
+    """Kernel names that can run ``query``, the static choice first."""
+    names = []
+    native_first = next((k.name for k in kernels.KERNELS if k.name.startswith("native-")
+                         and k.why_not(query) is None), None)
+    for name in (native_first, "fused-torch", "torch"):
+        if name is not None and kernels.BY_NAME[name].why_not(query) is None:
+            names.append(name)
+    static = kernels.select_name("auto", query.device, query.dtype, query.reset_after)
+    return sorted(names, key=lambda n: n != static)
+
+
+def choose(module, input: torch.Tensor, hx: Optional[torch.Tensor],
+           run: Callable[[torch.Tensor, Optional[torch.Tensor], str], tuple]) -> str:
+    """The kernel for this call of ``module`` (a grulab.GRU with impl="auto", CPU input (T, B, I)).
+
+    ``run(x, hx, kernel)`` is the module's forward with a fixed kernel."""
+    query = kernels.Query(input.device.type, input.dtype, module.reset_after)
+    static = kernels.select_name("auto", query.device, query.dtype, query.reset_after)
+    if kernels.forced() is not None or not enabled() or torch.compiler.is_compiling():
+        return static
+    grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in module.parameters()))
+    key = signature(module, input, hx, grad)
+    with _lock:
+        _load_file()
+        name = _choices.get(key)
+    if name is not None and name in kernels.BY_NAME and kernels.BY_NAME[name].why_not(query) is None:
+        return name
+    names = candidates(query)
+    if len(names) < 2:
+        return static
+    times = _measure(module, input, hx, grad, names, run)
+    best = min(times, key=times.get)
+    if best != names[0] and times[best] * MARGIN > times[names[0]]:
+        best = names[0]
+    with _lock:
+        _choices[key] = best
+        _save(key, best, times)
+    return best
+
+
+def _measure(module, input, hx, grad, names, run) -> dict[str, float]:
+    """Median seconds per call of each candidate on random inputs of this shape, interleaved."""
+    with torch.random.fork_rng(devices=[]), torch.enable_grad() if grad else torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(input.shape, generator=gen, dtype=input.dtype).requires_grad_(input.requires_grad and grad)
+        h = None if hx is None else torch.zeros(hx.shape, dtype=hx.dtype)
+        wrt = ([x] if x.requires_grad else []) + ([p for p in module.parameters() if p.requires_grad] if grad else [])
+
+        def call(name: str) -> float:
+            t0 = time.perf_counter()
+            out, h_n = run(x, h, name)
+            if wrt:
+                torch.autograd.grad(out.sum() + h_n.sum(), wrt)
+            return time.perf_counter() - t0
+
+        for name in names:  # warm-up: allocation, packing buffers, first-touch pages
+            call(name)
+        rounds: dict[str, list[float]] = {name: [] for name in names}
+        alive, start = list(names), time.perf_counter()
+        for r in range(MAX_ROUNDS):
+            for name in alive:
+                rounds[name].append(call(name))
+            if r == 0:
+                best = min(rounds[n][0] for n in alive)
+                alive = [n for n in alive if rounds[n][0] <= DROP * best]
+            if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_S:
+                break
+    return {name: statistics.median(ts) for name, ts in rounds.items()}
+
+
+# -- the machine's file ---------------------------------------------------------------------
+
+
+def machine_key() -> str:
+    """CPU model, torch's version and the native sources: what a choice depends on besides the shape."""
+    return hashlib.sha256(f"{kernels.cpu_model()}|{torch.__version__}|{native.source_key()}".encode()).hexdigest()[:16]
+
+
+def path() -> Path:
+    from .data import default_cache_dir
+
+    return default_cache_dir() / "autotune" / f"{machine_key()}.json"
+
+
+def _read(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) and isinstance(data.get("choices"), dict) else {}
+    except (OSError, ValueError):
+        return {}  # missing or damaged: measure again, and rewrite it
+
+
+def _load_file() -> None:
+    global _file_loaded
+    if _file_loaded:
+        return
+    _file_loaded = True
+    for key, entry in _read(path()).get("choices", {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("kernel"), str):
+            _choices.setdefault(key, entry["kernel"])
+
+
+def _save(key: str, kernel: str, times: dict[str, float]) -> None:
+    """Merge one choice into the machine's file (under a lock; an unwritable cache is not an error)."""
+    p = path()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = _read(p) or {"cpu": kernels.cpu_model(), "torch": torch.__version__, "choices": {}}
+            data["choices"][key] = {"kernel": kernel, "ms": {n: round(t * 1e3, 4) for n, t in times.items()},
+                                    "when": _dt.datetime.now().isoformat(timespec="seconds")}
+            while len(data["choices"]) > MAX_ENTRIES:
+                data["choices"].pop(next(iter(data["choices"])))
+            tmp = p.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+            os.replace(tmp, p)
+    except OSError:
+        pass
+
+
+def recorded() -> dict[str, dict]:
+    """This machine's recorded choices: signature -> {"kernel", "ms": {kernel: median ms}, "when"}."""
+    return _read(path()).get("choices", {})
+
+
+def forget() -> None:
+    """Drop this process's choices and delete the machine's file (the next calls measure again)."""
+    global _file_loaded
+    with _lock:
+        _choices.clear()
+        _file_loaded = False
+        try:
+            path().unlink()
+        except OSError:
+            pass

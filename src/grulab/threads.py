@@ -1,0 +1,106 @@
+"""How many threads the native time loop uses: measured per call shape, so a busy machine does not stall it.
+
+The native loops (``csrc/``) split a layer's hidden units over threads that
+meet at a barrier every time step. On a quiet machine all of torch's threads
+help. When another process keeps a core busy, the OS puts one of our threads
+aside for a whole time slice (milliseconds) and the others wait at the
+barrier, so single calls take many times their quiet time, and a thread count
+that is right on a quiet machine becomes the slowest one.
+
+So the count is chosen by measurement, per call shape, from two candidates:
+torch's intra-op count N and N // 2 (for 2 cores: 2 and 1). Every native call
+is timed; the candidate in use is kept while the median of its last three
+times is no worse than the other's; the other one is re-timed now and then
+(8 calls after a switch, then backing off, doubling up to every 128 calls
+while it keeps losing), so the choice follows the machine both ways at a cost
+well under 1% on a quiet one.
+
+float32 results do not depend on the count: each hidden unit is computed by
+one thread, whichever it is, with the same arithmetic. float64 sums may
+differ in the last bit, so with ``torch.use_deterministic_algorithms(True)``
+the count stays fixed at torch's.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+FIRST_PROBE = 8  # calls before the other count is timed again, after a switch
+MAX_INTERVAL = 128  # the longest wait between two probes of a losing count
+WINDOW = 3  # times kept per count; their median decides
+MAX_KEYS = 4096  # call shapes remembered (forgotten all at once beyond)
+
+
+@dataclass
+class _State:
+    counts: tuple[int, int]  # (in use, the other)
+    recent: dict[int, deque] = field(default_factory=dict)
+    interval: int = FIRST_PROBE
+    countdown: int = FIRST_PROBE
+
+    def median(self, n: int) -> float:
+        times = self.recent.get(n)
+        return statistics.median(times) if times else float("inf")
+
+
+_states: dict[tuple, _State] = {}
+_lock = threading.Lock()
+
+
+def choose(key: tuple) -> int:
+    """The thread count for the next native call of this shape (0: torch's own, nothing to choose)."""
+    n = torch.get_num_threads()
+    if n < 2 or torch.are_deterministic_algorithms_enabled():
+        return 0
+    with _lock:
+        state = _states.get(key)
+        if state is None or n not in state.counts:  # new shape, or torch.set_num_threads since
+            if len(_states) >= MAX_KEYS:
+                _states.clear()
+            state = _states[key] = _State((n, max(1, n // 2)))
+        state.countdown -= 1
+        return state.counts[1] if state.countdown <= 0 else state.counts[0]
+
+
+def record(key: tuple, threads: int, seconds: float) -> None:
+    """Tell the governor how long a call of this shape took with ``threads``."""
+    with _lock:
+        state = _states.get(key)
+        if state is None or threads not in state.counts:
+            return
+        current, other = state.counts
+        if threads == other:  # a probe: its fresh time against the current count's recent ones
+            state.recent[other] = deque([seconds], maxlen=WINDOW)
+            if seconds < state.median(current):  # it won: switch
+                state.counts, state.interval = (other, current), FIRST_PROBE
+            else:  # it lost: wait longer before the next one
+                state.interval = min(2 * state.interval, MAX_INTERVAL)
+            state.countdown = state.interval
+            return
+        times = state.recent.setdefault(current, deque(maxlen=WINDOW))
+        times.append(seconds)
+        if len(times) == WINDOW and state.median(current) > state.median(other):
+            # the count in use got slower than the other's last times: the machine got busy
+            state.counts, state.interval, state.countdown = (other, current), FIRST_PROBE, FIRST_PROBE
+
+
+def timed(key: tuple, call):
+    """Run ``call(threads)`` with the governor's count for ``key`` and report its time."""
+    threads = choose(key)
+    if threads == 0:
+        return call(0)
+    t0 = time.perf_counter()
+    result = call(threads)
+    record(key, threads, time.perf_counter() - t0)
+    return result
+
+
+def snapshot() -> dict[tuple, int]:
+    """The count in use per call shape seen in this process (for ``grulab kernels`` and tests)."""
+    with _lock:
+        return {key: state.counts[0] for key, state in _states.items()}

@@ -1,0 +1,202 @@
+"""impl="auto" on the CPU: the measured choice (grulab.autotune) and the thread governor (grulab.threads)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grulab
+from grulab import autotune, fused, kernels, native, threads
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private GRULAB_CACHE and no choices in memory, before and after."""
+    monkeypatch.setenv("GRULAB_CACHE", str(tmp_path))
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.delenv(autotune.ENV, raising=False)
+    autotune.forget()
+    yield tmp_path
+    autotune.forget()
+
+
+def _gru(**kw):
+    torch.manual_seed(0)
+    return grulab.GRU(5, 24, **kw)
+
+
+def test_first_call_measures_every_candidate_and_records_the_fastest(cache):
+    gru = _gru(num_layers=2)
+    x = torch.randn(6, 4, 5)
+    out, h_n = gru(x)
+    ref = torch.nn.GRU(5, 24, num_layers=2)
+    ref.load_state_dict(gru.state_dict())
+    want, want_h = ref(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_n, want_h, rtol=1e-5, atol=1e-6)
+
+    choices = autotune.recorded()
+    assert autotune.path().is_file() and autotune.path().parent == cache / "autotune"
+    [(key, entry)] = choices.items()
+    assert "T=6 B=4 I=5 H=24 layers=2" in key and "fwd+bwd" in key
+    query = kernels.Query("cpu", torch.float32, True)
+    assert set(entry["ms"]) <= set(autotune.candidates(query)) and "torch" in entry["ms"]
+    static = autotune.candidates(query)[0]
+    fastest = min(entry["ms"], key=entry["ms"].get)
+    # the fastest, unless it beat the static choice by less than the margin
+    expected = fastest if entry["ms"][fastest] * autotune.MARGIN <= entry["ms"][static] else static
+    assert entry["kernel"] == expected
+
+    with torch.no_grad():
+        gru(x)
+    assert len(autotune.recorded()) == 2  # inference is its own signature
+
+
+def test_measuring_leaves_the_random_state_alone(cache):
+    gru = _gru(num_layers=2, dropout=0.5)  # dropout draws random numbers while measuring
+    x = torch.randn(5, 3, 5)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    name = autotune.choose(gru, x, None, gru._run)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert name in autotune.candidates(kernels.Query())
+
+
+def test_a_recorded_choice_is_used_by_the_next_process(cache):
+    """Another process on this machine reads the file instead of measuring: here a choice written
+    into it by hand (fused-torch) is what runs, bit for bit."""
+    gru = _gru()
+    x = torch.randn(7, 3, 5)
+    gru(x)
+    [key] = autotune.recorded()
+    data = json.loads(autotune.path().read_text())
+    data["choices"][key]["kernel"] = "fused-torch"
+    autotune.path().write_text(json.dumps(data))
+    script = (
+        "import torch, grulab, sys\n"
+        "from grulab import fused\n"
+        "torch.manual_seed(0); g = grulab.GRU(5, 24); torch.manual_seed(1); x = torch.randn(7, 3, 5)\n"
+        "out, _ = g(x)\n"
+        "w = g.all_weights[0]\n"
+        "ref, _ = fused.gru_layer(x, torch.zeros(3, 24), *w, True, backend='fused-torch')\n"
+        "nat, _ = fused.gru_layer(x, torch.zeros(3, 24), *w, True, backend='native')\n"
+        "print(torch.equal(out, ref), torch.equal(out, nat))\n"
+    )
+    env = dict(os.environ, GRULAB_CACHE=str(cache))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    same_as_torch_tier, same_as_native = proc.stdout.split()
+    assert same_as_torch_tier == "True"
+    if fused.native_available():
+        assert same_as_native == "False"  # the two tiers differ in the last bits: the file decided
+    assert autotune.recorded()[key]["kernel"] == "fused-torch"  # read, not measured again
+
+
+def test_off_switch_and_forced_kernel_measure_nothing(cache, monkeypatch):
+    x = torch.randn(4, 2, 5)
+    monkeypatch.setenv(autotune.ENV, "0")
+    _gru()(x)
+    assert autotune.recorded() == {} and "measuring is off" in kernels.report()
+    monkeypatch.setenv(autotune.ENV, "1")
+    monkeypatch.setenv(kernels.ENV, "fused-torch")
+    _gru()(x)
+    assert autotune.recorded() == {}
+
+
+def test_a_damaged_file_is_measured_again(cache):
+    autotune.path().parent.mkdir(parents=True)
+    autotune.path().write_text("{not json")
+    _gru()(torch.randn(3, 2, 5))
+    assert len(autotune.recorded()) == 1
+
+
+def test_report_lists_the_recorded_choices(cache):
+    _gru(bidirectional=True)(torch.randn(3, 2, 5))
+    text = kernels.report()
+    assert "1 recorded for this machine" in text and "dirs=2" in text and str(autotune.path()) in text
+
+
+def test_reset_before_has_no_torch_candidate():
+    query = kernels.Query("cpu", torch.float32, False)
+    assert "torch" not in autotune.candidates(query)
+    assert "torch" in autotune.candidates(kernels.Query("cpu", torch.float32, True))
+
+
+# -- the thread governor ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_governor_leaves_a_quiet_machine_on_all_threads_and_backs_off_its_probes(two_threads):
+    key = ("test-quiet",)
+    used = []
+    for _ in range(8 + 16 + 32):
+        n = threads.choose(key)
+        used.append(n)
+        threads.record(key, n, 0.010 if n == 2 else 0.017)  # 2 threads faster, as when quiet
+    assert used.count(1) == 3  # probes after 8, 16 and 32 calls, each lost
+    assert [i for i, n in enumerate(used) if n == 1] == [7, 7 + 16, 7 + 16 + 32]
+    assert threads.snapshot()[key] == 2
+
+
+def test_governor_moves_to_fewer_threads_when_busy_and_back_when_quiet(two_threads):
+    key = ("test-busy",)
+
+    def calls(k, time_of):
+        used = []
+        for _ in range(k):
+            n = threads.choose(key)
+            used.append(n)
+            threads.record(key, n, time_of(n))
+        return used
+
+    calls(8, lambda n: 0.010 if n == 2 else 0.017)  # quiet: the probe of 1 thread loses
+    busy = calls(12, lambda n: 0.060 if n == 2 else 0.018)  # a competitor: 2 threads stall
+    # the median of the last 3 calls turns slow after 2 slow ones: it moves, and probes 8 calls later
+    assert busy == [2, 2] + [1] * 7 + [2] + [1] * 2
+    assert threads.snapshot()[key] == 1
+    quiet = calls(16, lambda n: 0.010 if n == 2 else 0.017)
+    assert quiet[-1] == 2 and threads.snapshot()[key] == 2  # a probe found 2 threads fast again
+
+
+def test_deterministic_mode_keeps_torchs_thread_count(two_threads):
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert threads.choose(("test-det",)) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(not fused.native_available(), reason="native extension unavailable")
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("B,H", [(32, 256), (1, 512), (8, 96)])
+def test_float32_native_results_do_not_depend_on_the_thread_count(tier, reset_after, B, H):
+    """The governor may run a call on 1 or 2 threads; float32 results must be the same bits."""
+    if not tier.startswith("native-"):
+        pytest.skip("native kernels only")
+    isa = tier[len("native-"):]
+    torch.manual_seed(0)
+    T, I = 5, 12
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    w_ih, w_hh = torch.randn(3 * H, I) * 0.2, torch.randn(3 * H, H) * 0.1
+    b_ih, b_hh = torch.randn(3 * H), torch.randn(3 * H)
+    mod = native.load()
+    runs = []
+    for n in (1, 2):
+        out, h_T, saved = mod.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, isa, n)
+        grads = mod.backward(torch.ones_like(out), None, x, h0, w_ih, w_hh, out, saved, reset_after,
+                             True, True, True, True, isa, n)
+        runs.append([out, h_T, *grads])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
