@@ -45,11 +45,12 @@ def test_first_call_measures_every_candidate_and_records_the_fastest(cache):
     [(key, entry)] = choices.items()
     assert "T=6 B=4 I=5 H=24 layers=2" in key and "fwd+bwd" in key
     query = kernels.Query("cpu", torch.float32, True)
-    assert set(entry["ms"]) <= set(autotune.candidates(query)) and "torch" in entry["ms"]
+    assert set(entry["ms"]) <= set(autotune.candidates(query)) and entry["kernel"] in entry["ms"]
     static = autotune.candidates(query)[0]
     fastest = min(entry["ms"], key=entry["ms"].get)
     # the fastest, unless it beat the static choice by less than the margin
-    expected = fastest if entry["ms"][fastest] * autotune.MARGIN <= entry["ms"][static] else static
+    static_ms = entry["ms"].get(static, float("inf"))  # absent: dropped as far slower after the warm-up
+    expected = fastest if entry["ms"][fastest] * autotune.MARGIN <= static_ms else static
     assert entry["kernel"] == expected
 
     with torch.no_grad():

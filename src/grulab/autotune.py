@@ -14,12 +14,12 @@ fastest:
 * ``fused-torch``, the same algorithm in torch operations,
 * ``torch``, torch.nn.GRU's own kernels (``reset_after=True`` only).
 
-Timing is interleaved (each round times every candidate once), median of at
-least three rounds, forward plus ``torch.autograd.grad`` of the parameters when
+Timing is interleaved (each round times every candidate once), the best of
+at least three rounds (another process can only add time), forward plus ``torch.autograd.grad`` of the parameters when
 the call records a graph; a candidate more than 1.5× slower than the best after
-the first round is dropped. The global random state is restored afterwards, so
+the warm-up or the first round is dropped. The global random state is restored afterwards, so
 measuring never changes a training run's dropout or sampling. A kernel other
-than the static choice must win by 3% to be taken, so near-ties do not flip
+than the static choice must win by 5% to be taken, so near-ties do not flip
 between processes.
 
 Choices are kept in memory and in ``$GRULAB_CACHE/autotune/<machine>.json``
@@ -38,7 +38,6 @@ import fcntl
 import hashlib
 import json
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -49,9 +48,10 @@ import torch
 from . import kernels, native
 
 ENV = "GRULAB_AUTOTUNE"
-MARGIN = 1.03  # a candidate must beat the static choice by this factor to replace it
+MARGIN = 1.05  # a candidate must beat the static choice by this factor to replace it
 DROP = 1.5  # after the first round, candidates this much slower than the best stop being timed
-MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 3, 7, 1.0  # rounds stop at MAX_ROUNDS or once BUDGET_S is spent
+MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 3, 7, 1.0  # rounds stop at MAX_ROUNDS or once BUDGET_S is spent,
+LONG_S = 3.0  # or after two rounds that took this long (large shapes: each call is seconds)
 MAX_ENTRIES = 512  # choices kept in the machine's file (the oldest go first)
 
 _choices: dict[str, str] = {}  # signature -> kernel name (this process)
@@ -106,7 +106,7 @@ def choose(module, input: torch.Tensor, hx: Optional[torch.Tensor],
         return static
     times = _measure(module, input, hx, grad, names, run)
     best = min(times, key=times.get)
-    if best != names[0] and times[best] * MARGIN > times[names[0]]:
+    if best != names[0] and names[0] in times and times[best] * MARGIN > times[names[0]]:
         best = names[0]
     with _lock:
         _choices[key] = best
@@ -115,7 +115,7 @@ def choose(module, input: torch.Tensor, hx: Optional[torch.Tensor],
 
 
 def _measure(module, input, hx, grad, names, run) -> dict[str, float]:
-    """Median seconds per call of each candidate on random inputs of this shape, interleaved."""
+    """Best seconds per call of each candidate on random inputs of this shape, interleaved."""
     with torch.random.fork_rng(devices=[]), torch.enable_grad() if grad else torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(input.shape, generator=gen, dtype=input.dtype).requires_grad_(input.requires_grad and grad)
@@ -129,19 +129,20 @@ def _measure(module, input, hx, grad, names, run) -> dict[str, float]:
                 torch.autograd.grad(out.sum() + h_n.sum(), wrt)
             return time.perf_counter() - t0
 
-        for name in names:  # warm-up: allocation, packing buffers, first-touch pages
-            call(name)
-        rounds: dict[str, list[float]] = {name: [] for name in names}
-        alive, start = list(names), time.perf_counter()
+        warm = {name: call(name) for name in names}  # warm-up: allocation, packing, first-touch pages
+        alive = [n for n in names if warm[n] <= DROP * min(warm.values())]
+        rounds: dict[str, list[float]] = {name: [] for name in alive}
+        start = time.perf_counter()
         for r in range(MAX_ROUNDS):
             for name in alive:
                 rounds[name].append(call(name))
             if r == 0:
                 best = min(rounds[n][0] for n in alive)
                 alive = [n for n in alive if rounds[n][0] <= DROP * best]
-            if r + 1 >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_S:
+            spent = time.perf_counter() - start
+            if r + 1 >= MIN_ROUNDS and spent > BUDGET_S or r + 1 >= 2 and spent > LONG_S:
                 break
-    return {name: statistics.median(ts) for name, ts in rounds.items()}
+    return {name: min(ts) for name, ts in rounds.items()}
 
 
 # -- the machine's file ---------------------------------------------------------------------
@@ -196,7 +197,7 @@ def _save(key: str, kernel: str, times: dict[str, float]) -> None:
 
 
 def recorded() -> dict[str, dict]:
-    """This machine's recorded choices: signature -> {"kernel", "ms": {kernel: median ms}, "when"}."""
+    """This machine's recorded choices: signature -> {"kernel", "ms": {kernel: best ms}, "when"}."""
     return _read(path()).get("choices", {})
 
 

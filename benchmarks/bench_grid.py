@@ -1,0 +1,203 @@
+"""grulab.GRU (impl="auto") against torch.nn.GRU over a grid of shapes, with the GEMM floor and a contention line.
+
+For every (B, T, I, H) of the grid (B ∈ {1, 8, 32, 128}, T ∈ {35, 200}, I ∈ {28, 256},
+H ∈ {64, 256, 1024}), one layer, float32, in one process:
+
+* ``fwd+bwd``: forward over (T, B, I) and backward of ``out.sum()`` into every weight;
+* ``fwd``: forward under ``torch.no_grad()`` (inference).
+
+Both contenders are timed interleaved (round-robin), medians. grulab.GRU runs as a user gets it:
+``impl="auto"``, so its first call of each shape measures its candidates (grulab.autotune) during
+the warm-up, and the kernel it settled on is shown. Each row also gets its efficiency against the
+GEMM floor: the FLOPs of the layer (forward 6·T·B·H·(I+H), forward+backward 18·T·B·H·(I+H)) over
+the best sgemm rate this process reaches, divided by grulab's time.
+
+The contention line: fwd+bwd at the seed shape (32, 35, 28, 256), first on the quiet machine, then
+in six trials each with one competing busy process (a Python loop spinning on one core): each
+trial's median over its repetitions, as a ratio to the quiet median; worst and median of the six.
+
+Usage::
+
+    python benchmarks/bench_grid.py                 # the grid, the contention line; writes results.md
+    python benchmarks/bench_grid.py --quick         # a few shapes
+    python benchmarks/bench_grid.py --part contention
+
+The section in results.md is keyed by CPU model and the native kernel chosen, so each CPU family
+measured keeps its own table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gru import fmt_time, interleaved, write_section  # noqa: E402
+
+import grulab  # noqa: E402
+from grulab import autotune, kernels  # noqa: E402
+
+GRID = dict(B=(1, 8, 32, 128), T=(35, 200), I=(28, 256), H=(64, 256, 1024))
+QUICK = [(32, 35, 28, 256), (64, 100, 256, 1024), (1, 200, 28, 1024), (128, 35, 256, 64)]
+SEED = (32, 35, 28, 256)
+
+
+def sgemm_rate(seconds: float = 2.0) -> float:
+    """The best sgemm rate (FLOP/s) this process reaches, over a few square sizes."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        deadline = time.perf_counter() + seconds / 3
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def contenders(shape, train: bool):
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(I, H)
+    ours = grulab.GRU(I, H)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I)
+
+    def run(module):
+        def call():
+            if train:
+                for p in module.parameters():
+                    p.grad = None
+                out, _ = module(x)
+                out.sum().backward()
+            else:
+                with torch.no_grad():
+                    module(x)
+        return call
+
+    return {"torch.nn.GRU": run(ref), "grulab.GRU": run(ours)}, ours, x
+
+
+def reps_for(seconds: float) -> int:
+    return max(3, min(15, int(4.0 / max(seconds, 1e-4))))
+
+
+def measure(shape, train: bool, rate: float) -> dict:
+    fns, module, x = contenders(shape, train)
+    t0 = time.perf_counter()
+    fns["grulab.GRU"]()  # the first call measures its candidates (autotune)
+    tune_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fns["torch.nn.GRU"]()
+    reps = reps_for(time.perf_counter() - t0)
+    times = interleaved(fns, reps, warmup=1)
+    B, T, I, H = shape
+    flops = (18 if train else 6) * T * B * H * (I + H)
+    key = autotune.signature(module, x, None, train)
+    kernel = autotune.recorded().get(key, {}).get("kernel", "?") if autotune.enabled() else "static"
+    return {"shape": shape, "work": "fwd+bwd" if train else "fwd", "nn": times["torch.nn.GRU"],
+            "ours": times["grulab.GRU"], "floor": flops / rate, "kernel": kernel, "reps": reps,
+            "tune_s": tune_s}
+
+
+def grid_table(rows: list[dict]) -> str:
+    lines = ["| workload | (B, T, I, H) | torch.nn.GRU | grulab.GRU | ratio | kernel | GEMM floor | efficiency |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['work']} | {r['shape']} | {fmt_time(r['nn'])} | {fmt_time(r['ours'])} | "
+                     f"{r['nn'] / r['ours']:.2f}× | {r['kernel']} | {fmt_time(r['floor'])} | "
+                     f"{r['floor'] / r['ours']:.0%} |")
+    return "\n".join(lines)
+
+
+def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
+    fns, _, _ = contenders(SEED, train=True)
+    for fn in fns.values():  # autotune + warm-up
+        fn()
+        fn()
+    quiet = interleaved(fns, reps, warmup=1)
+    per_trial = {name: [] for name in fns}
+    for _ in range(trials):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(0.3)
+            busy = interleaved(fns, reps, warmup=1)
+        finally:
+            spinner.kill()
+            spinner.wait()
+        for name in fns:
+            per_trial[name].append(busy[name] / quiet[name])
+        time.sleep(0.3)
+    lines = [f"Contention at {SEED} fwd+bwd: {trials} trials, each the median of {reps} interleaved repetitions "
+             "with one competing busy process (a Python loop spinning on one core), as a ratio to the quiet median.",
+             "",
+             "| | quiet | trials (× quiet) | worst | median |", "|---|---|---|---|---|"]
+    for name, ratios in per_trial.items():
+        lines.append(f"| {name} | {fmt_time(quiet[name])} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+                     f"{max(ratios):.2f}× | {statistics.median(ratios):.2f}× |")
+    return "\n".join(lines), per_trial
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} shapes of the grid")
+    ap.add_argument("--part", choices=("all", "grid", "contention"), default="all")
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+
+    family = f"{kernels.cpu_model()}, {kernels.select_name('fused', 'cpu', torch.float32, True)}"
+    load_before = os.getloadavg()
+    parts = []
+    if args.part in ("all", "grid"):
+        rate = sgemm_rate()
+        shapes = QUICK if args.quick else list(itertools.product(*GRID.values()))
+        rows = []
+        for i, shape in enumerate(shapes):
+            for train in (True, False):
+                r = measure(shape, train, rate)
+                rows.append(r)
+                print(f"[{i + 1}/{len(shapes)}] {r['work']:7} {shape}: nn {fmt_time(r['nn'])}, ours "
+                      f"{fmt_time(r['ours'])} ({r['nn'] / r['ours']:.2f}×, {r['kernel']}, "
+                      f"{r['floor'] / r['ours']:.0%} of floor; autotune {r['tune_s']:.1f} s)", flush=True)
+        worst = min(rows, key=lambda r: r["nn"] / r["ours"])
+        summary = (f"best sgemm rate of this process: {rate / 1e9:.0f} GFLOP/s. Slowest ratio of the grid: "
+                   f"{worst['nn'] / worst['ours']:.2f}× ({worst['work']} {worst['shape']}); "
+                   f"rows below 0.95×: {sum(r['nn'] / r['ours'] < 0.95 for r in rows)} of {len(rows)}.")
+        parts.append(summary + "\n\n" + grid_table(rows))
+        print(summary)
+    if args.part in ("all", "contention"):
+        text, _ = contention()
+        parts.append(text)
+        print(text)
+    load_after = os.getloadavg()
+    env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
+    meta = [
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: "
+        f"`{' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
+        f"- CPU: {family} kernel; {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}",
+        f"- torch {torch.__version__}, threads {torch.get_num_threads()}; "
+        + ", ".join(f"{k}={v}" for k, v in env.items()),
+        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
+        "- ratio = torch.nn.GRU time / grulab.GRU time (> 1: grulab faster); interleaved medians in one process; "
+        "grulab.GRU with impl='auto' (kernel = what its measured dispatch picked)",
+    ]
+    text = f"## GRU grid: {family}\n\n" + "\n".join(meta) + "\n\n" + "\n\n".join(parts)
+    if not args.no_write:
+        write_section(args.out, text, f"bench_grid {family}" + (" quick" if args.quick else "")
+                      + ("" if args.part == "all" else f" {args.part}"))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
