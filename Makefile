@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_gru.py
+	$(PY) benchmarks/bench_grid.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/grulab/_native*.so

@@ -28,8 +28,8 @@ CPU model, torch's version and the native sources: the next process on the
 same machine does not measure again. ``grulab kernels`` lists them;
 ``GRULAB_AUTOTUNE=0`` turns measuring off (the static order of
 :mod:`grulab.kernels` then decides), and ``GRULAB_KERNEL`` forcing a kernel
-wins over both. Under ``torch.compile`` / ``torch.export`` the static choice is
-used (nothing is timed while tracing).
+wins over both. Under ``torch.compile``, ``torch.export`` and ``torch.jit.trace``
+the static choice is used (nothing is timed while tracing).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def choose(module, input: torch.Tensor, hx: Optional[torch.Tensor],
     ``run(x, hx, kernel)`` is the module's forward with a fixed kernel."""
     query = kernels.Query(input.device.type, input.dtype, module.reset_after)
     static = kernels.select_name("auto", query.device, query.dtype, query.reset_after)
-    if kernels.forced() is not None or not enabled() or torch.compiler.is_compiling():
+    if kernels.forced() is not None or not enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return static
     grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in module.parameters()))
     key = signature(module, input, hx, grad)

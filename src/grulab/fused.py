@@ -62,7 +62,9 @@ Two tiers implement this, with the same autograd wrapper:
   the *hidden units*: thread k owns units [j0, j1), computes their three gate
   columns of h W_hh^T with a single-threaded GEMM on its own rows of W_hh
   (which stay in its core's cache) and then their gates, and meets the other
-  threads at one barrier per step. The backward splits dL/dh the same way.
+  threads at one barrier per step (how many threads: measured per call shape by
+  :mod:`grulab.threads`, so a core taken by another process does not stall every
+  step). The backward splits dL/dh the same way.
   For float32 with ``reset_after=True`` the AVX2 and AVX-512 builds replace
   the per-step GEMMs by the file's own micro-kernel on weights packed once per
   call, with the gate arithmetic applied to the register tile; a thread that
