@@ -3,16 +3,19 @@
 A distributed run must be the one-process run given the same (global) batch,
 to float tolerance; its checkpoints load and resume on any number of
 processes; a dead rank, torchrun's SIGTERM and an elastic restart each end or
-go on cleanly.
+go on cleanly. Two nodes are two network namespaces joined by a veth pair, with
+a c10d rendezvous across them (root only).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -90,12 +93,20 @@ def wait_for(predicate, timeout: float = 90, what: str = "") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def children(pid: int) -> list[int]:
+    """The pids of the children of process pid (none once it has gone)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def worker(agent: int, rank: int) -> int:
     """The pid of torchrun's worker with RANK=rank."""
-    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+    for child in children(agent):
         env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
         if f"RANK={rank}".encode() in env:
-            return int(child)
+            return child
     raise AssertionError(f"no worker with RANK={rank} under pid {agent}")
 
 
@@ -224,3 +235,129 @@ def test_an_elastic_restart_resumes_from_the_checkpoint(corpus, tmp_path):
     close_weights(weights(run), weights(straight))
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
     assert steps == sorted(set(steps))  # the rows after the checkpoint were trimmed, not doubled
+
+
+# ---------------------------------------------------------------------------- two nodes: network namespaces
+@dataclass
+class Nodes:
+    """Two network namespaces joined by a veth pair: two machines as far as the network goes (the
+    file system is shared, as a shared --out would be). Node 0 hosts the rendezvous."""
+
+    ns: tuple[str, str]
+    veth: tuple[str, str]
+    # Node 1's address sorts first, so the rendezvous makes node 1 rank 0: the ranks are not the launch order.
+    addr: tuple[str, str] = ("10.213.13.2", "10.213.13.1")
+    procs: list = field(default_factory=list)
+
+    def torchrun(self, i: int, job: str, args: list[str], log: Path, extra: tuple = (), conf: str = "",
+                 env: dict = None):
+        """`torchrun --nnodes 2` on node i, as the README shows it, with the flags a machine whose hostname
+        does not resolve to its network address needs (here: `vm`, 127.0.0.1 in both namespaces)."""
+        cmd = ["ip", "netns", "exec", self.ns[i], sys.executable, "-m", "torch.distributed.run",
+               "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.addr[0]}:29400",
+               f"--rdzv-id={job}", f"--local-addr={self.addr[i]}", "--monitor-interval=0.1",
+               f"--rdzv-conf={','.join(['is_host=1'] * (i == 0) + [conf] * bool(conf))}",
+               *extra, "-m", "grulab", "train", *args]
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": self.veth[i], **(env or {})}
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """The node dies: its agent and its workers (their own sessions) at once, by SIGKILL."""
+        for pid in [*children(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(10)
+
+
+def ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def nodes():
+    """Root only (ip netns); skipped where namespaces or veth pairs cannot be made (no CAP_NET_ADMIN)."""
+    if os.geteuid() != 0:
+        pytest.skip("two-node test: needs root, for ip netns")
+    if shutil.which("ip") is None:
+        pytest.skip("two-node test: no `ip` command (Debian: apt-get install iproute2)")
+    tag = f"{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    n = Nodes(ns=(f"grulab-n0-{tag}", f"grulab-n1-{tag}"), veth=(f"gv{tag[-9:]}a", f"gv{tag[-9:]}b"))
+    made = []
+    try:
+        for ns in n.ns:
+            r = ip("netns", "add", ns)
+            if r.returncode:
+                pytest.skip(f"two-node test: `ip netns add` failed: {r.stderr.strip()}")
+            made.append(ns)
+        r = ip("link", "add", n.veth[0], "type", "veth", "peer", "name", n.veth[1])
+        if r.returncode:
+            pytest.skip(f"two-node test: cannot make a veth pair: {r.stderr.strip()}")
+        for i in (0, 1):
+            for cmd in (("link", "set", n.veth[i], "netns", n.ns[i]),
+                        ("-n", n.ns[i], "addr", "add", f"{n.addr[i]}/24", "dev", n.veth[i]),
+                        ("-n", n.ns[i], "link", "set", "lo", "up"), ("-n", n.ns[i], "link", "set", n.veth[i], "up")):
+                r = ip(*cmd)
+                assert r.returncode == 0, f"ip {' '.join(cmd)}: {r.stderr}"
+        yield n
+    finally:
+        for proc in n.procs:
+            if proc.poll() is None:
+                n.kill(proc)
+        ip("link", "del", n.veth[0])  # only if it never moved: a namespace's deletion takes its veth along
+        for ns in made:
+            ip("netns", "del", ns)
+
+
+def test_two_nodes_equal_one_process_given_the_global_batch(nodes, corpus, tmp_path):
+    """A real c10d rendezvous across two network namespaces, gloo over the veth pair."""
+    cfg = settings(corpus, tmp_path / "two", eval_every=7)
+    procs = [nodes.torchrun(i, "same", flags(cfg), tmp_path / f"log{i}") for i in (0, 1)]
+    train(TrainConfig(**{**cfg, "out": str(tmp_path / "one")}))
+    logs = [finish(p, tmp_path / f"log{i}") for i, p in enumerate(procs)]
+    assert [rc for rc, _ in logs] == [0, 0], logs
+    text = logs[0][1] + logs[1][1]
+    assert "2 processes, 1 thread per process (--threads)" in logs[1][1], text  # node 1 is rank 0, it prints
+    assert text.count("grulab train:") == 1, text
+    close_weights(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    assert [r["step"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")] == \
+        [r["step"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+
+
+def test_a_dead_node_ends_the_run_on_the_other(nodes, corpus, tmp_path):
+    """Node 1 (rank 0, the writer) dies: node 0 ends at once with one line; the checkpoint is intact."""
+    run = tmp_path / "run"
+    procs = [nodes.torchrun(i, "dead", long_run(corpus, run), tmp_path / f"log{i}") for i in (0, 1)]
+    wait_for(lambda: serial(run) >= 1, what="the first checkpoint")
+    nodes.kill(procs[1])
+    t0 = time.monotonic()
+    rc, text = finish(procs[0], tmp_path / "log0", timeout=60)
+    assert rc != 0 and time.monotonic() - t0 < 30, text
+    assert "rank 1: lost contact with the other processes" in text, text
+    assert "src/grulab/" not in text and "site-packages/grulab/" not in text, text
+    checkpoint.load(run, with_training_state=True)
+
+
+def test_a_node_that_comes_back_resumes_the_run(nodes, corpus, tmp_path):
+    """--max-restarts: node 1 dies and is started again; the group resumes from the checkpoint and ends
+    where a run that was never stopped ends. The new node 1 is rank 0 with a restart count of 0: only
+    node 0's agent has restarted. (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with the store shared, as by
+    default, torch 2.13's new node waits for a MASTER_ADDR that node 0's agent does not publish again.)"""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    cfg = settings(corpus, run, epochs=4, eval_every=10)
+    elastic = dict(extra=("--max-restarts=1",), env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                   conf="keep_alive_interval=1,keep_alive_max_attempt=2")  # the dead node's place frees sooner
+    procs = [nodes.torchrun(i, "back", flags(cfg), tmp_path / f"log{i}", **elastic) for i in (0, 1)]
+    wait_for(lambda: serial(run) >= 1, what="the first checkpoint")
+    nodes.kill(procs[1])
+    again = nodes.torchrun(1, "back", flags(cfg), tmp_path / "log1b", **elastic)
+    train(TrainConfig(**{**cfg, "out": str(straight)}))
+    (rc0, text0), (rc1, text1) = finish(procs[0], tmp_path / "log0"), finish(again, tmp_path / "log1b")
+    assert (rc0, rc1) == (0, 0), text0 + text1
+    assert "restarted by torchrun: resuming the run" in text1, text1
+    assert checkpoint.load(run).progress["epoch"] == 4
+    close_weights(weights(run), weights(straight))

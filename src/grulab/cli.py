@@ -131,8 +131,8 @@ def _train_elastic(config, dist) -> dict:
     from .train import train
 
     out = Path(config.out)
-    again = dist.main and distributed.restarted(out)
-    again, resume = dist.max(float(again), float(again and (out / checkpoint.CHECKPOINT).exists()))
+    again = distributed.restarted(out, dist)
+    resume = again and dist.max(float(dist.main and (out / checkpoint.CHECKPOINT).exists()))[0]
     if again and not config.resume:
         if dist.main:
             print(f"grulab: restarted by torchrun: {'resuming' if resume else 'starting again'} the run in {out}",

@@ -158,14 +158,24 @@ def setup(timeout: float) -> Dist:
 
 
 def _store(timeout: float) -> dist.Store:
-    """torchrun's key-value store (what ``init_method="env://"`` would use), under a prefix of its own
-    for each restart: otherwise a restarted group can read the addresses its dead predecessor left
-    there and fail to connect (seen with torch 2.13's --standalone and --max-restarts)."""
+    """torchrun's key-value store (what ``init_method="env://"`` would use).
+
+    The agent's store outlives a restart, so there each restart takes a prefix of its own: otherwise a
+    restarted group can read the addresses its dead predecessor left there and fail to connect (seen
+    with torch 2.13's --standalone and --max-restarts). A store that rank 0 hosts
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) is new at each restart and takes none: the restart count is
+    each node's own, and a node that joins in place of a dead one counts from 0.
+    """
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts it; else rank 0 does
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
                           is_master=not agent and os.environ["RANK"] == "0", timeout=timedelta(seconds=timeout),
                           multi_tenant=True)
-    return dist.PrefixStore(f"grulab/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"grulab/restart{_restart_count()}" if agent else "grulab", store)
+
+
+def _restart_count() -> int:
+    """How many times this node's torchrun agent has restarted its workers."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def teardown() -> None:
@@ -201,14 +211,20 @@ def mark_job(out: Path) -> None:
         (Path(out) / MARKER).write_text(_job() + "\n")
 
 
-def restarted(out: Path) -> bool:
-    """Whether this process is torchrun's restart of the job that started the run in ``out``."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < 1:
-        return False
-    try:
-        return (Path(out) / MARKER).read_text().strip() == _job()
-    except OSError:
-        return False
+def restarted(out: Path, group: Dist) -> bool:
+    """Whether this group is torchrun's restart of the job that started the run in ``out`` (all ranks
+    get the answer): an agent of the job has restarted its workers, and rank 0 finds the job's marker.
+
+    Any agent will do: a node that joined in place of a dead one starts counting at 0 (and may be rank 0).
+    """
+    ours = False
+    if group.main:
+        try:
+            ours = (Path(out) / MARKER).read_text().strip() == _job()
+        except OSError:
+            pass
+    again, ours = group.max(float(_restart_count() >= 1), float(ours))
+    return bool(again and ours)
 
 
 # ---------------------------------------------------------------------------- grulab train --nproc N
