@@ -528,10 +528,20 @@ def gru_step(
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h, w_ih, w_hh, b_ih, b_hh)):
         return gru_layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, reset_after, backend=backend)[1]
-    kernel = _kernel_for(backend, x, reset_after)
     if torch.compiler.is_compiling():  # compile / export: the operator, so the graph has one node
+        kernel = _kernel_for(backend, x, reset_after)
         return torch.ops.grulab.gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
-    # Eager generation: a token's step takes tens of µs, and the dispatcher's
-    # Python round trip for a custom op about as much again; call the tier directly.
-    tier, extra = _tier(kernel)
-    return tier.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
+    # Eager generation: a token's step takes ~10 µs, and the dispatcher's Python
+    # round trip for a custom op about as much again, so the tier's function is
+    # called directly, looked up once per kind of call (GRULAB_KERNEL, which costs
+    # a µs to read, is read at the first step of each kind).
+    key = (backend, x.device.type, x.dtype, reset_after)
+    step = _eager_steps.get(key)
+    if step is None:
+        tier, extra = _tier(_kernel_for(backend, x, reset_after))
+        fn = native.load().step if tier is _NativeTier else tier.step
+        step = _eager_steps[key] = (fn, extra)
+    return step[0](x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *step[1])
+
+
+_eager_steps: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (function, extra args)
