@@ -17,7 +17,8 @@ fastest:
 Timing is interleaved (each round times every candidate once), the best of
 at least three rounds (another process can only add time), forward plus ``torch.autograd.grad`` of the parameters when
 the call records a graph; a candidate more than 1.5× slower than the best after
-the warm-up or the first round is dropped. The global random state is restored afterwards, so
+the warm-up or the first round is dropped (for calls of a second or more: 1.2× slower in the
+warm-up, and a warm-up that leaves one candidate decides). The global random state is restored afterwards, so
 measuring never changes a training run's dropout or sampling. A kernel other
 than the static choice must win by 5% to be taken, so near-ties do not flip
 between processes.
@@ -52,6 +53,7 @@ MARGIN = 1.05  # a candidate must beat the static choice by this factor to repla
 DROP = 1.5  # after the first round, candidates this much slower than the best stop being timed
 MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 3, 7, 1.0  # rounds stop at MAX_ROUNDS or once BUDGET_S is spent,
 LONG_S = 3.0  # or after two rounds that took this long (large shapes: each call is seconds)
+DROP_LONG = 1.2  # the warm-up's drop factor when a call takes LONG_S / 3 or more
 MAX_ENTRIES = 512  # choices kept in the machine's file (the oldest go first)
 
 _choices: dict[str, str] = {}  # signature -> kernel name (this process)
@@ -130,7 +132,10 @@ def _measure(module, input, hx, grad, names, run) -> dict[str, float]:
             return time.perf_counter() - t0
 
         warm = {name: call(name) for name in names}  # warm-up: allocation, packing, first-touch pages
-        alive = [n for n in names if warm[n] <= DROP * min(warm.values())]
+        long = min(warm.values()) > LONG_S / 3  # a second or more a call: one call is a fair sample
+        alive = [n for n in names if warm[n] <= (DROP_LONG if long else DROP) * min(warm.values())]
+        if len(alive) == 1 and long:
+            return {alive[0]: warm[alive[0]]}
         rounds: dict[str, list[float]] = {name: [] for name in alive}
         start = time.perf_counter()
         for r in range(MAX_ROUNDS):
