@@ -16,10 +16,20 @@ def tier(request) -> str:
     return request.param
 
 
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test (small models: results then match across processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two threads for the test (the thread governor chooses between 2 and 1)."""
+    yield from _torch_threads(2)

@@ -131,14 +131,6 @@ def test_reset_before_has_no_torch_candidate():
 # -- the thread governor ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_governor_leaves_a_quiet_machine_on_all_threads_and_backs_off_its_probes(two_threads):
     key = ("test-quiet",)
     used = []
