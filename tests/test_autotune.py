@@ -193,3 +193,16 @@ def test_float32_native_results_do_not_depend_on_the_thread_count(tier, reset_af
         runs.append([out, h_T, *grads])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_cli_kernels_forget_deletes_the_choices(cache, capsys):
+    from grulab.cli import main
+
+    _gru()(torch.randn(3, 2, 5))
+    assert autotune.path().is_file()
+    assert main(["kernels", "--forget"]) == 0
+    shown = capsys.readouterr().out
+    assert "forgot 1 measured choice(s)" in shown and "0 recorded for this machine" in shown
+    assert not autotune.path().exists()
+    _gru()(torch.randn(3, 2, 5))  # the next call measures again
+    assert len(autotune.recorded()) == 1

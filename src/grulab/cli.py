@@ -269,6 +269,12 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
     from . import kernels
 
+    if args.forget:
+        from . import autotune
+
+        n, where = len(autotune.recorded()), autotune.path()
+        autotune.forget()
+        print(f"forgot {n} measured choice(s) ({where})" if n else f"no measured choices to forget ({where})")
     query = kernels.Query(args.device, getattr(torch, args.dtype), not args.reset_before)
     print(kernels.report(query))
     return 0
@@ -385,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="tensor dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="device type (default: cpu)")
     p.add_argument("--reset-before", action="store_true", help="ask for the notes' reset-before cell (default: reset-after)")
+    p.add_argument("--forget", action="store_true", help="delete this machine's measured choices of impl='auto' "
+                   "first, so the next call of each shape measures again (e.g. after they were made on a busy machine)")
     p.set_defaults(func=cmd_kernels)
     from .onnx_cli import add_commands
     add_commands(sub)  # grulab export, grulab generate --onnx
