@@ -14,14 +14,17 @@ fastest:
 * ``fused-torch``, the same algorithm in torch operations,
 * ``torch``, torch.nn.GRU's own kernels (``reset_after=True`` only).
 
-Timing is interleaved (each round times every candidate once), the best of
-at least three rounds (another process can only add time), forward plus ``torch.autograd.grad`` of the parameters when
-the call records a graph; a candidate more than 1.5× slower than the best after
-the warm-up or the first round is dropped (for calls of a second or more: 1.2× slower in the
-warm-up, and a warm-up that leaves one candidate decides). The global random state is restored afterwards, so
-measuring never changes a training run's dropout or sampling. A kernel other
-than the static choice must win by 5% to be taken, so near-ties do not flip
-between processes.
+Timing is interleaved (each round times every candidate once), the best of at
+least three rounds (another process can only add time), forward plus
+``torch.autograd.grad`` of the parameters when the call records a graph. Short
+calls are warmed up twice (a first call pays for allocation, weight packing and
+thread start-up, several times a later one), and a candidate more than 1.5×
+slower than the best after two timed rounds stops being timed. For calls of a
+second or more one warm-up call each is a fair sample: a candidate 1.2× slower
+there is dropped, and if one is left it is chosen. The global random state is
+restored afterwards, so measuring never changes a training run's dropout or
+sampling. A kernel other than the static choice must win by 5% to be taken, so
+near-ties do not flip between processes.
 
 Choices are kept in memory and in ``$GRULAB_CACHE/autotune/<machine>.json``
 (see :func:`grulab.data.default_cache_dir`), where the machine key hashes the
@@ -131,19 +134,24 @@ def _measure(module, input, hx, grad, names, run) -> dict[str, float]:
                 torch.autograd.grad(out.sum() + h_n.sum(), wrt)
             return time.perf_counter() - t0
 
-        warm = {name: call(name) for name in names}  # warm-up: allocation, packing, first-touch pages
-        long = min(warm.values()) > LONG_S / 3  # a second or more a call: one call is a fair sample
-        alive = [n for n in names if warm[n] <= (DROP_LONG if long else DROP) * min(warm.values())]
-        if len(alive) == 1 and long:
-            return {alive[0]: warm[alive[0]]}
+        warm = {name: call(name) for name in names}  # first calls: allocation, packing, thread start-up
+        long = min(warm.values()) > LONG_S / 3  # a second or more a call: one-time costs are noise
+        if long:
+            alive = [n for n in names if warm[n] <= DROP_LONG * min(warm.values())]
+            if len(alive) == 1:
+                return {alive[0]: warm[alive[0]]}
+        else:  # short calls: a first call can cost several times the next ones, so warm up again
+            alive = list(names)
+            for name in names:
+                call(name)
         rounds: dict[str, list[float]] = {name: [] for name in alive}
         start = time.perf_counter()
         for r in range(MAX_ROUNDS):
             for name in alive:
                 rounds[name].append(call(name))
-            if r == 0:
-                best = min(rounds[n][0] for n in alive)
-                alive = [n for n in alive if rounds[n][0] <= DROP * best]
+            if r == 1:  # after two timed rounds, stop timing the clearly slower ones
+                best = min(min(rounds[n]) for n in alive)
+                alive = [n for n in alive if min(rounds[n]) <= DROP * best]
             spent = time.perf_counter() - start
             if r + 1 >= MIN_ROUNDS and spent > BUDGET_S or r + 1 >= 2 and spent > LONG_S:
                 break
