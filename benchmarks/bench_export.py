@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import grulab
 from grulab.model import LanguageModel, ModelConfig
+from grulab.kernels import cpu_model
 from grulab.onnx_generate import OnnxLanguageModel
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -50,13 +51,6 @@ CONFIGS = [
     ("train default: V=90, E=64, H=384", dict(vocab_size=90, hidden=384, embed=64)),
     ("2 layers: V=90, E=64, H=512", dict(vocab_size=90, hidden=512, embed=64, layers=2)),
 ]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def contenders(model: LanguageModel, onnx_path: Path, threads: int) -> dict:
@@ -162,7 +156,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()[0]
     meta = [
         f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         f"- torch {torch.__version__}, onnxruntime {ort.__version__}, Python {platform.python_version()}; "
         f"{args.threads} thread(s) for torch and onnxruntime",
         f"- load average (1 min) before / after: {load0:.2f} / {load1:.2f}",

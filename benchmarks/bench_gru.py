@@ -36,20 +36,11 @@ from typing import Callable
 import torch
 
 from grulab import fused, reference
+from grulab.kernels import cpu_model
 
 SMALL = (32, 35, 28, 256)   # (B, T, I, H)
 LARGE = (64, 100, 256, 1024)
 GEN = (1, 1, 28, 256)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def interleaved(contenders: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, float]:
@@ -237,7 +228,7 @@ def main(argv=None) -> int:
     env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
     meta = [
         f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         f"- torch {torch.__version__}, threads {torch.get_num_threads()}, Python {platform.python_version()}",
         f"- fused backend: {fused.backend()}; BLAS: MKL (torch's), no OpenBLAS",
         "- env: " + ", ".join(f"{k}={v}" for k, v in env.items()),

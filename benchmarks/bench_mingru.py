@@ -39,7 +39,6 @@ import argparse
 import datetime as _dt
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -48,8 +47,9 @@ import torch
 from torch import nn
 
 import grulab
-from bench_gru import cpu_name, interleaved, write_section  # this folder: run as python benchmarks/bench_mingru.py
+from bench_gru import interleaved, write_section  # this folder: run as python benchmarks/bench_mingru.py
 from grulab import MinGRU
+from grulab.kernels import cpu_model
 from grulab.model import LanguageModel, ModelConfig
 
 try:
@@ -209,7 +209,7 @@ def lm_section(args, argv) -> str:
         f"## minGRU language models: training tokens/s, {torch.get_num_threads()} thread(s)",
         "",
         f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{_command(argv)}`",
-        f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, threads {torch.get_num_threads()}",
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, threads {torch.get_num_threads()}",
         f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
         f"(the machine is shared; above ~0.5 other processes were competing for the cores)",
         f"- one training step of grulab.model.LanguageModel (vocabulary 76, embedding 64, hidden {H}, one layer or "
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
         f"## minGRU (grulab.MinGRU), {torch.get_num_threads()} thread(s)",
         "",
         f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{cmd}`",
-        f"- CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}; {lucid}",
         f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
         f"(the machine is shared; above ~0.5 other processes were competing for the cores)",
