@@ -59,9 +59,9 @@ LONG_S = 3.0  # or after two rounds that took this long (large shapes: each call
 DROP_LONG = 1.2  # the warm-up's drop factor when a call takes LONG_S / 3 or more
 MAX_ENTRIES = 512  # choices kept in the machine's file (the oldest go first)
 
-_choices: dict[str, str] = {}  # signature -> kernel name (this process)
+_choices: dict[str, str] = {}  # signature -> kernel name, checked to run in this process
+_from_file: Optional[dict[str, str]] = None  # the machine file's choices, read once (None: not yet)
 _lock = threading.Lock()
-_file_loaded = False
 
 
 def enabled() -> bool:
@@ -81,9 +81,7 @@ def signature(module, input: torch.Tensor, hx: Optional[torch.Tensor], grad: boo
 def candidates(query: kernels.Query) -> list[str]:
     """Kernel names that can run ``query``, the static choice first."""
     names = []
-    native_first = next((k.name for k in kernels.KERNELS if k.name.startswith("native-")
-                         and k.why_not(query) is None), None)
-    for name in (native_first, "fused-torch", "torch"):
+    for name in (kernels.first_native(query)[0], "fused-torch", "torch"):
         if name is not None and kernels.BY_NAME[name].why_not(query) is None:
             names.append(name)
     static = kernels.select_name("auto", query.device, query.dtype, query.reset_after)
@@ -95,20 +93,22 @@ def choose(module, input: torch.Tensor, hx: Optional[torch.Tensor],
     """The kernel for this call of ``module`` (a grulab.GRU with impl="auto", CPU input (T, B, I)).
 
     ``run(x, hx, kernel)`` is the module's forward with a fixed kernel."""
-    query = kernels.Query(input.device.type, input.dtype, module.reset_after)
-    static = kernels.select_name("auto", query.device, query.dtype, query.reset_after)
     if kernels.forced() is not None or not enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return static
+        return kernels.select_name("auto", input.device.type, input.dtype, module.reset_after)
     grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in module.parameters()))
     key = signature(module, input, hx, grad)
-    with _lock:
-        _load_file()
-        name = _choices.get(key)
-    if name is not None and name in kernels.BY_NAME and kernels.BY_NAME[name].why_not(query) is None:
+    name = _choices.get(key)
+    if name is not None:
         return name
-    names = candidates(query)
+    query = kernels.Query(input.device.type, input.dtype, module.reset_after)
+    with _lock:
+        name = _file_choices().get(key)
+    if name is not None and name in kernels.BY_NAME and kernels.BY_NAME[name].why_not(query) is None:
+        _choices[key] = name  # checked once: a forward's lookup is one dict get
+        return name
+    names = candidates(query)  # the static choice first
     if len(names) < 2:
-        return static
+        return names[0]
     times = _measure(module, input, hx, grad, names, run)
     best = min(times, key=times.get)
     if best != names[0] and names[0] in times and times[best] * MARGIN > times[names[0]]:
@@ -180,14 +180,14 @@ def _read(p: Path) -> dict:
         return {}  # missing or damaged: measure again, and rewrite it
 
 
-def _load_file() -> None:
-    global _file_loaded
-    if _file_loaded:
-        return
-    _file_loaded = True
-    for key, entry in _read(path()).get("choices", {}).items():
-        if isinstance(entry, dict) and isinstance(entry.get("kernel"), str):
-            _choices.setdefault(key, entry["kernel"])
+def _file_choices() -> dict[str, str]:
+    """The machine file's choices (signature -> kernel name), read on first use."""
+    global _from_file
+    if _from_file is None:
+        entries = _read(path()).get("choices", {})
+        _from_file = {key: e["kernel"] for key, e in entries.items()
+                      if isinstance(e, dict) and isinstance(e.get("kernel"), str)}
+    return _from_file
 
 
 def _save(key: str, kernel: str, times: dict[str, float]) -> None:
@@ -216,10 +216,10 @@ def recorded() -> dict[str, dict]:
 
 def forget() -> None:
     """Drop this process's choices and delete the machine's file (the next calls measure again)."""
-    global _file_loaded
+    global _from_file
     with _lock:
         _choices.clear()
-        _file_loaded = False
+        _from_file = None
         try:
             path().unlink()
         except OSError:

@@ -366,12 +366,10 @@ def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
     if backend == "torch":
         return "fused-torch"
     if backend == "native":
-        for k in kernels.KERNELS:  # in grulab.kernels' order of preference
-            if k.name.startswith("native-"):
-                why = k.why_not(kernels.Query(x.device.type, x.dtype, reset_after))
-                if why is None:
-                    return k.name
-        raise RuntimeError(f"grulab: native GRU tier unavailable ({why})")
+        name, why = kernels.first_native(kernels.Query(x.device.type, x.dtype, reset_after))
+        if name is None:
+            raise RuntimeError(f"grulab: native GRU tier unavailable ({why})")
+        return name
     k = kernels.BY_NAME.get(backend)
     if k is None or k.impl != "fused":
         raise ValueError(f"grulab: unknown GRU backend {backend!r} (use 'native', 'torch' or a "
@@ -509,6 +507,9 @@ def gru_layer(
     return out, h_T
 
 
+_eager_steps: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (function, extra args)
+
+
 def gru_step(
     x: Tensor,
     h: Tensor,
@@ -543,5 +544,3 @@ def gru_step(
         step = _eager_steps[key] = (fn, extra)
     return step[0](x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *step[1])
 
-
-_eager_steps: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (function, extra args)

@@ -93,6 +93,17 @@ KERNELS: tuple[Kernel, ...] = (
 BY_NAME = {k.name: k for k in KERNELS}
 
 
+def first_native(query: Query) -> tuple[Optional[str], Optional[str]]:
+    """(the first native kernel that can run ``query``, None) in this module's order, else (None, why not)."""
+    why = None
+    for k in KERNELS:
+        if k.name.startswith("native-"):
+            why = k.why_not(query)
+            if why is None:
+                return k.name, None
+    return None, why
+
+
 def forced() -> Optional[str]:
     """The kernel forced by ``GRULAB_KERNEL``, if any (checked against the known names)."""
     name = os.environ.get(ENV, "").strip()

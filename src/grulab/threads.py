@@ -101,6 +101,6 @@ def timed(key: tuple, call):
 
 
 def snapshot() -> dict[tuple, int]:
-    """The count in use per call shape seen in this process (for ``grulab kernels`` and tests)."""
+    """The count in use per call shape seen in this process."""
     with _lock:
         return {key: state.counts[0] for key, state in _states.items()}
