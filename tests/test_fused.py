@@ -155,6 +155,31 @@ def test_grads_when_x_or_h0_need_none(tier, reset_after, grad_x, grad_h0, use):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("frozen", ["b_ih", "b_hh", "none"])
+@pytest.mark.parametrize("shape", [(4, 8, 5, 64), (3, 5, 3, 67), (1, 2, 3, 16)])
+def test_sum_loss_frozen_bias_no_h0_grad(tier, shape, frozen, reset_after, dtype, two_threads):
+    """out.sum()'s gradient is one value broadcast over time (stride 0), h0 needs no gradient
+    (the backward skips its last GEMM) and one bias may be frozen (the bias sums the loop keeps
+    must still land in the right one): every gradient equals the reference's."""
+    T, B, I, H = shape
+    params = make_params(I, H, True, dtype)
+    if frozen != "none":
+        params[("b_ih", "b_hh").index(frozen) + 2].requires_grad_(False)
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
+    leaves = [p for p in params if p.requires_grad]
+
+    def grads(layer):
+        out, h_T = layer(x, h0, *params, reset_after)
+        return torch.autograd.grad(out.sum() + 0.5 * h_T.sum(), leaves)
+
+    got = grads(lambda *a: fused.gru_layer(*a, backend=tier))
+    want = grads(reference.gru_layer)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_inference_path_saves_nothing(tier, dtype):
     T, B, I, H = 5, 2, 3, 4
     params = [p.detach() for p in make_params(I, H, True, dtype)]

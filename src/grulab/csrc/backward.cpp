@@ -26,7 +26,11 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   const IsaOps& ops = ops_for(isa);
   const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
   const auto opts = x.options();
-  const Tensor grad_out = grad_out_ ? grad_out_->contiguous() : at::zeros({1, B, H}, opts);
+  // A gradient that is the same at every step (stride 0 over time: out.sum()'s, or none at
+  // all) is passed as one (1, B, H) slice that the loop reads at every step (go_step = 0).
+  const Tensor grad_out = !grad_out_                  ? at::zeros({1, B, H}, opts)
+                          : grad_out_->stride(0) == 0 ? grad_out_->narrow(0, 0, 1).contiguous()
+                                                      : grad_out_->contiguous();
   Tensor dh = grad_hT_ ? grad_hT_->clone(at::MemoryFormat::Contiguous)
                        : at::zeros({B, H}, opts);   // (B, H) dL/dh_T
   Tensor dgx = scratch(kDgx, {Tn, B, 3 * H}, opts);  // (T, B, 3H) dL/d(x-side pre-activations)
@@ -35,6 +39,8 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous();
   const int nt = loop_threads(B, H, threads);
   const int64_t go_step = grad_out.size(0) == 1 ? 0 : B * H;
+  // [Σ da_r | Σ da_z | Σ da_n | Σ da_n ⊙ r] over t and b, summed by the loop as it goes.
+  Tensor db = (has_b_ih || has_b_hh) ? at::empty({4 * H}, opts) : Tensor();
   if (x.scalar_type() == at::kFloat) {
     // The packed path (float32, reset_after) packs all columns of W_hh into panels of ops.cols units.
     const bool packed = ops.packed && reset_after;
@@ -42,13 +48,16 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
                            : Tensor();
     ops.backward_loop_f(grad_out.data_ptr<float>(), go_step, dh.data_ptr<float>(),
                         h0c.data_ptr<float>(), w_hhc.data_ptr<float>(), out.data_ptr<float>(),
-                        saved.data_ptr<float>(), Tn, B, H, reset_after, dgx.data_ptr<float>(),
-                        dgh.data_ptr<float>(), packed ? w_cols.data_ptr<float>() : nullptr, nt);
+                        saved.data_ptr<float>(), Tn, B, H, reset_after, need_h0,
+                        dgx.data_ptr<float>(), dgh.data_ptr<float>(),
+                        db.defined() ? db.data_ptr<float>() : nullptr,
+                        packed ? w_cols.data_ptr<float>() : nullptr, nt);
   } else {
     ops.backward_loop_d(grad_out.data_ptr<double>(), go_step, dh.data_ptr<double>(),
                         h0c.data_ptr<double>(), w_hhc.data_ptr<double>(), out.data_ptr<double>(),
-                        saved.data_ptr<double>(), Tn, B, H, reset_after, dgx.data_ptr<double>(),
-                        dgh.data_ptr<double>(), nullptr, nt);
+                        saved.data_ptr<double>(), Tn, B, H, reset_after, need_h0,
+                        dgx.data_ptr<double>(), dgh.data_ptr<double>(),
+                        db.defined() ? db.data_ptr<double>() : nullptr, nullptr, nt);
   }
 
   // Everything batched over time: one GEMM or reduction each.
@@ -80,8 +89,10 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
     Tensor da_n = dgx.narrow(2, 2 * H, H).reshape({Tn * B, H});         // (T*B, H)
     gemm(da_n.t(), rh.reshape({Tn * B, H}), dw_n, 0.0);                 // (H, H)
   }
-  Tensor db_ih = has_b_ih ? dgx2.sum(0) : Tensor();                               // (3H,)
-  Tensor db_hh = has_b_hh ? dgh.view({Tn * B, 3 * H}).sum(0) : Tensor();          // (3H,)
+  Tensor db_ih = has_b_ih ? db.narrow(0, 0, 3 * H) : Tensor();  // (3H,) Σ dG_x
+  Tensor db_hh;                                                   // (3H,) Σ dG_h (never db_ih's memory)
+  if (has_b_hh && reset_after) db_hh = at::cat({db.narrow(0, 0, 2 * H), db.narrow(0, 3 * H, H)});
+  if (has_b_hh && !reset_after) db_hh = has_b_ih ? db_ih.clone() : db.narrow(0, 0, 3 * H);
   return {dx, need_h0 ? dh : Tensor(), dw_ih, dw_hh, db_ih, db_hh};
 }
 
