@@ -64,7 +64,8 @@ Two tiers implement this, with the same autograd wrapper:
   (which stay in its core's cache) and then their gates, and meets the other
   threads at one barrier per step (how many threads: measured per call shape by
   :mod:`grulab.threads`, so a core taken by another process does not stall every
-  step). The backward splits dL/dh the same way.
+  step). The backward splits dL/dh the same way, and sums the bias gradients
+  of its units as it makes their gate gradients.
   For float32 with ``reset_after=True`` the AVX2 and AVX-512 builds replace
   the per-step GEMMs by the file's own micro-kernel on weights packed once per
   call, with the gate arithmetic applied to the register tile; a thread that
@@ -73,7 +74,9 @@ Two tiers implement this, with the same autograd wrapper:
 Both tiers are reached through torch operators (``torch.ops.grulab.gru_forward``,
 ``gru_backward``, ``gru_step``) with fake implementations and an autograd
 formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one node
-per layer. :mod:`grulab.kernels` decides which kernel runs (``grulab kernels``
+per layer. In eager mode the same tier functions and formula are called
+directly (``_EagerLayer``, and ``gru_step``'s lookup), since the custom op's
+Python argument handling costs more than a small layer's arithmetic. :mod:`grulab.kernels` decides which kernel runs (``grulab kernels``
 shows it); ``GRULAB_KERNEL=<name>`` forces one.
 """
 from __future__ import annotations
