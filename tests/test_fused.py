@@ -179,6 +179,43 @@ def test_sum_loss_frozen_bias_no_h0_grad(tier, shape, frozen, reset_after, dtype
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+NATIVE = [t for t in TIERS if t.startswith("native-")]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, two_threads):
+    """The native backward runs its time loop in chunks of steps (csrc/backward.cpp: sized so
+    a chunk's gradient buffers stay small; the test passes its own sizes, 7 = T being one
+    chunk) and sums the weight gradients chunk by chunk: every gradient, dX and dh_0 included,
+    equals the reference's; dh_0 (the same steps, in pieces) and the packed tile's dX are the
+    same bits as in one chunk."""
+    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
+        pytest.skip(f"{kernel} cannot run here")
+    T, B, I, H = 7, 8, 5, 64
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, dtype))
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
+    go = torch.randn(T, B, H, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    gh = torch.randn(B, H, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    isa, m = kernel[len("native-"):], native.load()
+    out, _, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, isa, 2)
+    got = m.backward(go, gh, x, h0, w_ih, w_hh, out, saved, reset_after, True, True, True, True,
+                     isa, 2, chunk)
+    whole = m.backward(go, gh, x, h0, w_ih, w_hh, out, saved, reset_after, True, True, True, True,
+                       isa, 2, T)
+    leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    o, h_T = reference.gru_layer(*leaves, reset_after)
+    want = torch.autograd.grad((o * go).sum() + (h_T * gh).sum(), leaves)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for a, w, b in zip(got, whole, want):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(got[1], whole[1], rtol=0, atol=0)  # dh_0: the same loop, in pieces
+    if dtype == torch.float32 and kernel != "native-generic":  # dX by the packed tile: a row is a row
+        torch.testing.assert_close(got[0], whole[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_inference_path_saves_nothing(tier, dtype):
     T, B, I, H = 5, 2, 3, 4

@@ -13,7 +13,8 @@ organises the work the way cuDNN does:
   more (B, H) block c (below).
 * **Backward.** Autograd is bypassed (a ``torch.autograd.Function``): per step
   only the gate gradients and the one GEMM that carries dL/dh backwards; the
-  weight gradients of all steps are summed by one big GEMM each at the end.
+  weight gradients of all steps are summed by one big GEMM each at the end
+  (the native tier: one per chunk of steps, so its buffers stay small).
 
 Gradients (a_r, a_z, a_n are the pre-activations of the three gates; d is
 dL/dh_t, the gradient arriving from the output at t plus from step t+1)::
@@ -335,7 +336,7 @@ class _NativeTier:
         key = ("backward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, need_x)
         return tuple(threads.timed(key, lambda n: native.load().backward(
             grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0], reset_after, has_b_ih, has_b_hh,
-            need_x, need_h0, isa, n)))
+            need_x, need_h0, isa, n, 0)))  # 0: the C++ side sizes the chunks of steps
 
     @staticmethod
     def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):

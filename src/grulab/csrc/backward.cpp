@@ -1,14 +1,15 @@
-// Backward glue of the native GRU: the time loop (loops.inc), then every
-// weight gradient as one batched GEMM or reduction.
+// Backward glue of the native GRU: the time loop (loops.inc) in chunks of steps,
+// and after each chunk its share of every weight gradient as one batched GEMM.
 #include "native.h"
 
 namespace grulab {
 
-// Weight gradient of a hidden-side block: dW (N, H) = Σ_t dA_t^T P_t, where
+// Weight gradient of a hidden-side block: dW (N, H) = beta dW + Σ_t dA_t^T P_t, where
 // P_0 = p0 (B, H) and P_t = p_rest[t-1] for t >= 1 (two GEMMs, no concatenation).
-static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor& p_rest, Tensor& dW) {
+static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor& p_rest, Tensor& dW,
+                               double beta) {
   const int64_t Tn = dA.size(0), B = dA.size(1), N = dA.size(2);
-  gemm(dA[0].t(), p0, dW, 0.0);  // (N, H) = (N, B) @ (B, H)
+  gemm(dA[0].t(), p0, dW, beta);  // (N, H) = (N, B) @ (B, H)
   if (Tn > 1) {
     Tensor dA_rest = dA.narrow(0, 1, Tn - 1).reshape({(Tn - 1) * B, N});    // ((T-1)B, N)
     Tensor p = p_rest.reshape({(Tn - 1) * B, p_rest.size(2)});             // ((T-1)B, H)
@@ -16,78 +17,102 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
   }
 }
 
+// Steps per chunk. The time loop runs over chunks of steps, from the last chunk
+// to the first, and the weight gradients are summed chunk by chunk, so the
+// (steps, B, 3H) gradient buffers hold one chunk, not the whole sequence: at
+// (B, T, H) = (128, 200, 1024) two whole-sequence buffers were 630 MB of fresh
+// memory every call (300,000 page faults), and the GEMMs read them back from
+// DRAM. A chunk's buffer is about 8 MiB of float32, with at least 1024 rows
+// (steps · B) so that the weight GEMMs stay efficient.
+static int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H) {
+  const int64_t by_size = (int64_t(8) << 20) / (B * 3 * H), by_rows = (2048 + B - 1) / B;
+  return std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
+}
+
 // Returns [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] (undefined -> None where not needed).
+// chunk: steps per chunk of the time loop (0: chunk_steps' choice; tests pass small ones).
 std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
                                  const std::optional<Tensor>& grad_hT_, const Tensor& x,
                                  const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
                                  const Tensor& out, const Tensor& saved, bool reset_after,
                                  bool has_b_ih, bool has_b_hh, bool need_x, bool need_h0,
-                                 const std::string& isa, int64_t threads) {
+                                 const std::string& isa, int64_t threads, int64_t chunk) {
   const IsaOps& ops = ops_for(isa);
   const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
+  TORCH_CHECK(chunk >= 0, "grulab native GRU: chunk must be >= 0 (0: chosen by size), got ", chunk);
   const auto opts = x.options();
   // A gradient that is the same at every step (stride 0 over time: out.sum()'s, or none at
   // all) is passed as one (1, B, H) slice that the loop reads at every step (go_step = 0).
   const Tensor grad_out = !grad_out_                  ? at::zeros({1, B, H}, opts)
                           : grad_out_->stride(0) == 0 ? grad_out_->narrow(0, 0, 1).contiguous()
                                                       : grad_out_->contiguous();
-  Tensor dh = grad_hT_ ? grad_hT_->clone(at::MemoryFormat::Contiguous)
-                       : at::zeros({B, H}, opts);   // (B, H) dL/dh_T
-  Tensor dgx = scratch(kDgx, {Tn, B, 3 * H}, opts);  // (T, B, 3H) dL/d(x-side pre-activations)
-  Tensor dgh = reset_after ? scratch(kDgh, {Tn, B, 3 * H}, opts) : dgx;  // (T, B, 3H) hidden side
-
-  const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous();
-  const int nt = loop_threads(B, H, threads);
   const int64_t go_step = grad_out.size(0) == 1 ? 0 : B * H;
-  // [Σ da_r | Σ da_z | Σ da_n | Σ da_n ⊙ r] over t and b, summed by the loop as it goes.
-  Tensor db = (has_b_ih || has_b_hh) ? at::empty({4 * H}, opts) : Tensor();
-  if (x.scalar_type() == at::kFloat) {
-    // The packed path (float32, reset_after) packs all columns of W_hh into panels of ops.cols units.
-    const bool packed = ops.packed && reset_after;
-    Tensor w_cols = packed ? scratch(kPackCols, {(H + ops.cols - 1) / ops.cols * 3 * H * ops.cols}, opts)
-                           : Tensor();
-    ops.backward_loop_f(grad_out.data_ptr<float>(), go_step, dh.data_ptr<float>(),
-                        h0c.data_ptr<float>(), w_hhc.data_ptr<float>(), out.data_ptr<float>(),
-                        saved.data_ptr<float>(), Tn, B, H, reset_after, need_h0,
-                        dgx.data_ptr<float>(), dgh.data_ptr<float>(),
-                        db.defined() ? db.data_ptr<float>() : nullptr,
-                        packed ? w_cols.data_ptr<float>() : nullptr, nt);
-  } else {
-    ops.backward_loop_d(grad_out.data_ptr<double>(), go_step, dh.data_ptr<double>(),
-                        h0c.data_ptr<double>(), w_hhc.data_ptr<double>(), out.data_ptr<double>(),
-                        saved.data_ptr<double>(), Tn, B, H, reset_after, need_h0,
-                        dgx.data_ptr<double>(), dgh.data_ptr<double>(),
-                        db.defined() ? db.data_ptr<double>() : nullptr, nullptr, nt);
-  }
+  Tensor dh = grad_hT_ ? grad_hT_->clone(at::MemoryFormat::Contiguous)
+                       : at::zeros({B, H}, opts);   // (B, H) dL/dh_T, then dL/dh at each chunk's start
+  const int64_t Tc = chunk > 0 ? std::min(chunk, Tn) : chunk_steps(Tn, B, H);
+  Tensor dgx = scratch(kDgx, {Tc, B, 3 * H}, opts);  // (Tc, B, 3H) dL/d(x-side pre-activations)
+  Tensor dgh = reset_after ? scratch(kDgh, {Tc, B, 3 * H}, opts) : dgx;  // (Tc, B, 3H) hidden side
 
-  // Everything batched over time: one GEMM or reduction each.
-  Tensor dgx2 = dgx.view({Tn * B, 3 * H});  // (T*B, 3H)
-  Tensor dx, dw_ih = at::empty({3 * H, I}, opts), dw_hh = at::empty({3 * H, H}, opts);
-  if (need_x) {
-    if (ops.packed && x.scalar_type() == at::kFloat) {
-      // (T*B, I) = (T*B, 3H) @ (3H, I) with the packed tile: with I as small as
-      // 28, MKL ran this at under half of the machine's rate.
-      dx = at::zeros({Tn * B, I}, opts);
-      ops.gemm_packed_parallel(Tn * B, I, 3 * H, dgx.data_ptr<float>(), 3 * H,
-                               w_ih.contiguous().data_ptr<float>(), I, dx.data_ptr<float>(), I,
-                               threads > 0 ? static_cast<int>(threads) : at::get_num_threads());
+  const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous(), w_ihc = w_ih.contiguous();
+  const int nt = loop_threads(B, H, threads);
+  // [Σ da_r | Σ da_z | Σ da_n | Σ da_n ⊙ r] over t and b, added to by the loop as it goes.
+  Tensor db = (has_b_ih || has_b_hh) ? at::zeros({4 * H}, opts) : Tensor();
+  const bool is_float = x.scalar_type() == at::kFloat;
+  // The packed path (float32, reset_after) packs all columns of W_hh into panels of ops.cols units.
+  const bool packed = is_float && ops.packed && reset_after;
+  Tensor w_cols = packed ? scratch(kPackCols, {(H + ops.cols - 1) / ops.cols * 3 * H * ops.cols}, opts)
+                         : Tensor();
+  // dX with the packed tile where there is one: with I as small as 28, MKL ran this
+  // (T*B, I) = (T*B, 3H) @ (3H, I) GEMM at under half of the machine's rate.
+  const bool dx_packed = need_x && is_float && ops.packed;
+  Tensor dx = !need_x ? Tensor() : dx_packed ? at::zeros({Tn, B, I}, opts) : at::empty({Tn, B, I}, opts);
+  Tensor dw_ih = at::empty({3 * H, I}, opts), dw_hh = at::empty({3 * H, H}, opts);
+
+  for (int64_t t1 = Tn; t1 > 0;) {  // the chunk of steps [t0, t1), last chunk first
+    const int64_t t0 = std::max<int64_t>(0, t1 - Tc), n = t1 - t0;
+    const double beta = t1 == Tn ? 0.0 : 1.0;             // the first chunk sets the weight gradients
+    const Tensor hprev = t0 == 0 ? h0c : out[t0 - 1];    // (B, H) h_{t0-1}
+    const bool need_dh = t0 > 0 || need_h0;               // dL/dh_{t0-1}: the next chunk's input
+    if (is_float) {
+      ops.backward_loop_f(grad_out.data_ptr<float>() + t0 * go_step, go_step, dh.data_ptr<float>(),
+                          hprev.data_ptr<float>(), w_hhc.data_ptr<float>(),
+                          out.data_ptr<float>() + t0 * B * H, saved.data_ptr<float>() + t0 * B * 4 * H,
+                          n, B, H, reset_after, need_dh, dgx.data_ptr<float>(), dgh.data_ptr<float>(),
+                          db.defined() ? db.data_ptr<float>() : nullptr,
+                          packed ? w_cols.data_ptr<float>() : nullptr, t1 < Tn, nt);
+    } else {
+      ops.backward_loop_d(grad_out.data_ptr<double>() + t0 * go_step, go_step, dh.data_ptr<double>(),
+                          hprev.data_ptr<double>(), w_hhc.data_ptr<double>(),
+                          out.data_ptr<double>() + t0 * B * H, saved.data_ptr<double>() + t0 * B * 4 * H,
+                          n, B, H, reset_after, need_dh, dgx.data_ptr<double>(), dgh.data_ptr<double>(),
+                          db.defined() ? db.data_ptr<double>() : nullptr, nullptr, t1 < Tn, nt);
     }
-    if (!dx.defined()) {
-      dx = at::empty({Tn * B, I}, opts);
-      gemm(dgx2, w_ih, dx, 0.0);  // (T*B, I) = (T*B, 3H) @ (3H, I)
+
+    // This chunk's share of the gradients batched over time: one GEMM each.
+    const Tensor dgx_c = dgx.narrow(0, 0, n), dgh_c = dgh.narrow(0, 0, n);  // (n, B, 3H)
+    const Tensor dgx2 = dgx_c.reshape({n * B, 3 * H});                     // (n*B, 3H)
+    if (need_x) {
+      Tensor dx_c = dx.narrow(0, t0, n).view({n * B, I});  // (n*B, I)
+      if (dx_packed) {
+        ops.gemm_packed_parallel(n * B, I, 3 * H, dgx2.data_ptr<float>(), 3 * H, w_ihc.data_ptr<float>(),
+                                 I, dx_c.data_ptr<float>(), I,
+                                 threads > 0 ? static_cast<int>(threads) : at::get_num_threads());
+      } else {
+        gemm(dgx2, w_ihc, dx_c, 0.0);  // (n*B, I) = (n*B, 3H) @ (3H, I)
+      }
     }
-    dx = dx.view({Tn, B, I});
-  }
-  gemm(dgx2.t(), x.view({Tn * B, I}), dw_ih, 0.0);  // (3H, I) = (3H, T*B) @ (T*B, I)
-  Tensor out_prev = out.narrow(0, 0, Tn - 1);        // (T-1, B, H) = h_1 .. h_{T-1}
-  if (reset_after) {
-    hidden_weight_grad(dgh, h0, out_prev, dw_hh);  // (3H, H)
-  } else {
-    Tensor dw_rz = dw_hh.narrow(0, 0, 2 * H), dw_n = dw_hh.narrow(0, 2 * H, H);
-    hidden_weight_grad(dgx.narrow(2, 0, 2 * H), h0, out_prev, dw_rz);  // (2H, H)
-    Tensor rh = saved.narrow(2, 3 * H, H);                              // (T, B, H) r ⊙ h_{t-1}
-    Tensor da_n = dgx.narrow(2, 2 * H, H).reshape({Tn * B, H});         // (T*B, H)
-    gemm(da_n.t(), rh.reshape({Tn * B, H}), dw_n, 0.0);                 // (H, H)
+    gemm(dgx2.t(), x.narrow(0, t0, n).reshape({n * B, I}), dw_ih, beta);  // (3H, I) += (3H, n*B) @ (n*B, I)
+    const Tensor out_prev = out.narrow(0, t0, n - 1);  // (n-1, B, H) = h_{t0} .. h_{t1-2}
+    if (reset_after) {
+      hidden_weight_grad(dgh_c, hprev, out_prev, dw_hh, beta);  // (3H, H)
+    } else {
+      Tensor dw_rz = dw_hh.narrow(0, 0, 2 * H), dw_n = dw_hh.narrow(0, 2 * H, H);
+      hidden_weight_grad(dgx_c.narrow(2, 0, 2 * H), hprev, out_prev, dw_rz, beta);  // (2H, H)
+      Tensor rh = saved.narrow(0, t0, n).narrow(2, 3 * H, H).reshape({n * B, H});  // (n*B, H) r ⊙ h_{t-1}
+      Tensor da_n = dgx_c.narrow(2, 2 * H, H).reshape({n * B, H});                  // (n*B, H)
+      gemm(da_n.t(), rh, dw_n, beta);                                               // (H, H)
+    }
+    t1 = t0;
   }
   Tensor db_ih = has_b_ih ? db.narrow(0, 0, 3 * H) : Tensor();  // (3H,) Σ dG_x
   Tensor db_hh;                                                   // (3H,) Σ dG_h (never db_ih's memory)

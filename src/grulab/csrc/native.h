@@ -58,6 +58,6 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out,
                                  const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
                                  const Tensor& out, const Tensor& saved, bool reset_after,
                                  bool has_b_ih, bool has_b_hh, bool need_x, bool need_h0,
-                                 const std::string& isa, int64_t threads);
+                                 const std::string& isa, int64_t threads, int64_t chunk);
 
 }  // namespace grulab
