@@ -182,11 +182,12 @@ def test_sum_loss_frozen_bias_no_h0_grad(tier, shape, frozen, reset_after, dtype
 NATIVE = [t for t in TIERS if t.startswith("native-")]
 
 
+@pytest.mark.parametrize("I", [5, 80])  # dW_ih by the packed tile (I <= 64) or by MKL
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("kernel", NATIVE)
-def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, two_threads):
+def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, two_threads):
     """The native backward runs its time loop in chunks of steps (csrc/backward.cpp: sized so
     a chunk's gradient buffers stay small; the test passes its own sizes, 7 = T being one
     chunk) and sums the weight gradients chunk by chunk: every gradient, dX and dh_0 included,
@@ -194,7 +195,7 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, two_thre
     same bits as in one chunk."""
     if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
         pytest.skip(f"{kernel} cannot run here")
-    T, B, I, H = 7, 8, 5, 64
+    T, B, H = 7, 8, 64
     w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, dtype))
     x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
     go = torch.randn(T, B, H, dtype=dtype, generator=torch.Generator().manual_seed(5))

@@ -29,6 +29,8 @@ static int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H) {
   return std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
 }
 
+constexpr int64_t kPackedDwIhMaxI = 64;  // dW_ih by the packed tile up to this many inputs (below)
+
 // Returns [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] (undefined -> None where not needed).
 // chunk: steps per chunk of the time loop (0: chunk_steps' choice; tests pass small ones).
 std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
@@ -66,7 +68,13 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   // (T*B, I) = (T*B, 3H) @ (3H, I) GEMM at under half of the machine's rate.
   const bool dx_packed = need_x && is_float && ops.packed;
   Tensor dx = !need_x ? Tensor() : dx_packed ? at::zeros({Tn, B, I}, opts) : at::empty({Tn, B, I}, opts);
-  Tensor dw_ih = at::empty({3 * H, I}, opts), dw_hh = at::empty({3 * H, H}, opts);
+  // dW_ih with the packed tile too where I is small: MKL ran (3H, T*B) @ (T*B, 28) at ≈80
+  // GFLOP/s; the tile, reading dG_x in place as A^T, made the backward at (32, 35, 28, 256)
+  // 1.5% faster and, like every native GEMM here, does not depend on the thread count.
+  const bool dw_ih_packed = is_float && ops.packed && I <= kPackedDwIhMaxI;
+  const int gemm_nt = threads > 0 ? static_cast<int>(threads) : at::get_num_threads();
+  Tensor dw_ih = dw_ih_packed ? at::zeros({3 * H, I}, opts) : at::empty({3 * H, I}, opts);
+  Tensor dw_hh = at::empty({3 * H, H}, opts);
 
   for (int64_t t1 = Tn; t1 > 0;) {  // the chunk of steps [t0, t1), last chunk first
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), n = t1 - t0;
@@ -94,14 +102,19 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
     if (need_x) {
       Tensor dx_c = dx.narrow(0, t0, n).view({n * B, I});  // (n*B, I)
       if (dx_packed) {
-        ops.gemm_packed_parallel(n * B, I, 3 * H, dgx2.data_ptr<float>(), 3 * H, w_ihc.data_ptr<float>(),
-                                 I, dx_c.data_ptr<float>(), I,
-                                 threads > 0 ? static_cast<int>(threads) : at::get_num_threads());
+        ops.gemm_packed_parallel(n * B, I, 3 * H, dgx2.data_ptr<float>(), 3 * H, false,
+                                 w_ihc.data_ptr<float>(), I, dx_c.data_ptr<float>(), I, gemm_nt);
       } else {
         gemm(dgx2, w_ihc, dx_c, 0.0);  // (n*B, I) = (n*B, 3H) @ (3H, I)
       }
     }
-    gemm(dgx2.t(), x.narrow(0, t0, n).reshape({n * B, I}), dw_ih, beta);  // (3H, I) += (3H, n*B) @ (n*B, I)
+    const Tensor x_c = x.narrow(0, t0, n).reshape({n * B, I});  // (n*B, I)
+    if (dw_ih_packed) {  // (3H, I) += dG_x^T (3H, n*B) @ (n*B, I), dG_x read in place as A^T
+      ops.gemm_packed_parallel(3 * H, I, n * B, dgx2.data_ptr<float>(), 3 * H, true,
+                               x_c.data_ptr<float>(), I, dw_ih.data_ptr<float>(), I, gemm_nt);
+    } else {
+      gemm(dgx2.t(), x_c, dw_ih, beta);  // (3H, I) += (3H, n*B) @ (n*B, I)
+    }
     const Tensor out_prev = out.narrow(0, t0, n - 1);  // (n-1, B, H) = h_{t0} .. h_{t1-2}
     if (reset_after) {
       hidden_weight_grad(dgh_c, hprev, out_prev, dw_hh, beta);  // (3H, H)

@@ -128,9 +128,10 @@ struct IsaOps {
                           int64_t Tn, int64_t B, int64_t H, bool reset_after, bool need_dh0,
                           double* dgx, double* dgh, double* db, double* w_cols,
                           bool w_cols_ready, int nt);
-  // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); null where !packed.
+  // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
+  // transposed, (K, M) with row length lda. Null where !packed.
   void (*gemm_packed_parallel)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                               const float* W, int64_t ldw, float* C, int64_t ldc, int nt);
+                               bool a_t, const float* W, int64_t ldw, float* C, int64_t ldc, int nt);
 };
 
 namespace generic { extern const IsaOps ops; }
