@@ -77,8 +77,9 @@ Both tiers are reached through torch operators (``torch.ops.grulab.gru_forward``
 formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one node
 per layer. In eager mode the same tier functions and formula are called
 directly (``_EagerLayer``, and ``gru_step``'s lookup), since the custom op's
-Python argument handling costs more than a small layer's arithmetic. :mod:`grulab.kernels` decides which kernel runs (``grulab kernels``
-shows it); ``GRULAB_KERNEL=<name>`` forces one.
+Python argument handling costs more than a small layer's arithmetic.
+:mod:`grulab.kernels` decides which kernel runs (``grulab kernels`` shows it);
+``GRULAB_KERNEL=<name>`` forces one.
 """
 from __future__ import annotations
 
