@@ -22,8 +22,8 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
 // (steps, B, 3H) gradient buffers hold one chunk, not the whole sequence: at
 // (B, T, H) = (128, 200, 1024) two whole-sequence buffers were 630 MB of fresh
 // memory every call (300,000 page faults), and the GEMMs read them back from
-// DRAM. A chunk's buffer is about 8 MiB of float32, with at least 1024 rows
-// (steps · B) so that the weight GEMMs stay efficient.
+// DRAM. A chunk's buffer is about 32 MiB of float32 (8 Mi elements), with at
+// least 2048 rows (steps · B) so that the weight GEMMs stay efficient.
 static int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H) {
   const int64_t by_size = (int64_t(8) << 20) / (B * 3 * H), by_rows = (2048 + B - 1) / B;
   return std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
