@@ -67,6 +67,8 @@ def test_first_use_build_survives_kill_and_is_keyed_on_the_source(tmp_path):
     assert "grulab: compiling the native GRU kernel" in first.stderr  # said on stderr, with the reason
     assert "not built when grulab was installed" in first.stderr
     assert first.stdout.split() == [str(folder), "True"]
+    so = next(folder.glob("*.so"))
+    mtime = so.stat().st_mtime_ns
 
     # 2. The same sources again: the library is reused, nothing is compiled, nothing waits.
     (folder / "lock").touch()
@@ -76,6 +78,9 @@ def test_first_use_build_survives_kill_and_is_keyed_on_the_source(tmp_path):
     assert "compiling" not in again.stderr
     assert again.stdout.split()[0] == str(folder)
     assert time.time() - t < 120
+    # Not even relinked, although the killed build's compilers (ninja spawns them in their
+    # own process group, so the kill above did not reach them) may have written objects since.
+    assert so.stat().st_mtime_ns == mtime
 
     # 3. A second checkout whose sources differ gets its own folder: neither rebuilds the other's.
     b = checkout(tmp_path / "b", comment="a change in the second checkout")
@@ -84,8 +89,6 @@ def test_first_use_build_survives_kill_and_is_keyed_on_the_source(tmp_path):
     folder_b = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env=env_b, cwd=b.parent, check=True).stdout.strip()
     assert Path(folder_b).parent == folder.parent and Path(folder_b) != folder
-    so = next(folder.glob("*.so"))
-    mtime = so.stat().st_mtime_ns
     third = run(a, cache, timeout=300)  # checkout a after b has been looked at: still no build
     assert third.returncode == 0 and "compiling" not in third.stderr
     assert so.stat().st_mtime_ns == mtime

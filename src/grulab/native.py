@@ -16,7 +16,9 @@ different sources never share or rebuild each other's library. That build
 says on stderr that it is compiling and why. Concurrent processes wait on an
 ``fcntl`` lock, which the OS releases when its holder dies, so a process
 killed mid-build never leaves a lock that makes the next one wait; torch's
-own lock file in that folder is removed by whoever holds ours.
+own lock file in that folder is removed by whoever holds ours. A build that
+completed leaves a ``built`` marker; later processes import the library without
+running ninja again.
 
 ``grulab kernels`` builds (or loads) it and says which one it is and which kernel runs.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib
+import importlib.util
 import platform
 import sys
 import warnings
@@ -65,22 +68,38 @@ def build_dir() -> Path:
     return default_cache_dir() / "native" / source_key()
 
 
+def _import_built(name: str, so: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _jit_build(reason: str) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     key = source_key()
     name = f"grulab_native_{key}"
     folder = build_dir()
+    so, done = folder / f"{name}.so", folder / "built"
+    # A build that completed is imported as it is: ninja is not run again, so compiler
+    # processes orphaned by a killed build (ninja puts them in their own process group)
+    # that finish later cannot make a later load relink or recompile.
+    if done.exists() and so.exists():
+        return _import_built(name, so)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "grulab.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if we die
+        if done.exists() and so.exists():  # built by the process we waited for
+            return _import_built(name, so)
         # We hold the only lock, so a torch baton file left here is stale (its owner was killed).
         (folder / "lock").unlink(missing_ok=True)
-        if not (folder / f"{name}.so").exists():
-            print(f"grulab: compiling the native GRU kernel into {folder} ({reason}); "
-                  f"this takes about a minute, once", file=sys.stderr, flush=True)
-        return load(name=name, sources=[str(p) for p in sources()], extra_cflags=CFLAGS,
-                    extra_ldflags=LDFLAGS, build_directory=str(folder), verbose=False)
+        print(f"grulab: compiling the native GRU kernel into {folder} ({reason}); "
+              f"this takes about a minute, once", file=sys.stderr, flush=True)
+        module = load(name=name, sources=[str(p) for p in sources()], extra_cflags=CFLAGS,
+                      extra_ldflags=LDFLAGS, build_directory=str(folder), verbose=False)
+        done.write_text(key + "\n")  # only after the library was linked and imported
+        return module
 
 
 def load() -> Optional[ModuleType]:
