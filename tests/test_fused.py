@@ -77,9 +77,11 @@ def _check_against_reference(tier, shape, reset_after, bias, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reset_after", [True, False])
-@pytest.mark.parametrize("shape", [(3, 8, 5, 64), (2, 5, 3, 67), (2, 1, 28, 256)])
+@pytest.mark.parametrize("shape", [(3, 8, 5, 64), (2, 5, 3, 67), (2, 1, 28, 256), (3, 16, 5, 64),
+                                   (2, 37, 6, 40)])
 def test_matches_reference_multithreaded(tier, shape, reset_after, dtype):
-    """Shapes big enough that the native time loop splits the hidden units across threads."""
+    """Shapes big enough that the native time loop splits the hidden units across threads,
+    or (B >= 16, float32 packed path) the batch rows."""
     _check_against_reference(tier, shape, reset_after, True, dtype)
 
 
@@ -182,12 +184,13 @@ def test_sum_loss_frozen_bias_no_h0_grad(tier, shape, frozen, reset_after, dtype
 NATIVE = [t for t in TIERS if t.startswith("native-")]
 
 
+@pytest.mark.parametrize("B", [8, 20])  # the loop splits the units, or (20) the batch rows
 @pytest.mark.parametrize("I", [5, 80])  # dW_ih by the packed tile (I <= 64) or by MKL
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("kernel", NATIVE)
-def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, two_threads):
+def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, B, two_threads):
     """The native backward runs its time loop in chunks of steps (csrc/backward.cpp: sized so
     a chunk's gradient buffers stay small; the test passes its own sizes, 7 = T being one
     chunk) and sums the weight gradients chunk by chunk: every gradient, dX and dh_0 included,
@@ -195,7 +198,7 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, two_t
     same bits as in one chunk."""
     if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
         pytest.skip(f"{kernel} cannot run here")
-    T, B, H = 7, 8, 64
+    T, H = 7, 64
     w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, dtype))
     x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
     go = torch.randn(T, B, H, dtype=dtype, generator=torch.Generator().manual_seed(5))
@@ -215,6 +218,32 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, two_t
     torch.testing.assert_close(got[1], whole[1], rtol=0, atol=0)  # dh_0: the same loop, in pieces
     if dtype == torch.float32 and kernel != "native-generic":  # dX by the packed tile: a row is a row
         torch.testing.assert_close(got[0], whole[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("B", [16, 20, 37])
+@pytest.mark.parametrize("kernel", [k for k in NATIVE if k != "native-generic"])
+def test_a_row_is_a_row_whatever_the_thread_split(kernel, B):
+    """The packed loops split the hidden units among the threads or, with enough rows, the batch
+    rows (csrc/native.h: split_rows); either way a batch row's numbers are made by the same
+    register tiles in the same order: out, h_T, dX and dh_0 are the same bits on 1, 2 and 3
+    threads, and the weight and bias gradients (summed over rows in other groups) are close."""
+    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
+        pytest.skip(f"{kernel} cannot run here")
+    T, I, H = 5, 6, 64
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, torch.float32))
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, torch.float32))
+    go = torch.randn(T, B, H, generator=torch.Generator().manual_seed(5))
+    isa, m = kernel[len("native-"):], native.load()
+    runs = []
+    for threads in (1, 2, 3):
+        out, h_T, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, True, True, isa, threads)
+        grads = m.backward(go, None, x, h0, w_ih, w_hh, out, saved, True, True, True, True, True,
+                           isa, threads, 0)  # dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+        runs.append((out, h_T, *grads))
+    for other in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], other)):
+            tol = dict(rtol=0, atol=0) if i < 4 else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b, a, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -351,7 +380,7 @@ def test_scratch_reuse_across_calls_and_shapes(tier):
 
 
 @pytest.mark.parametrize("threads", [3, 4])
-@pytest.mark.parametrize("shape", [(4, 9, 5, 67), (3, 8, 6, 128)])
+@pytest.mark.parametrize("shape", [(4, 9, 5, 67), (3, 8, 6, 128), (3, 40, 6, 64)])
 def test_oversubscribed_threads_share_panels(tier, shape, threads):
     """More threads than cores: the OS runs them unevenly, so threads take each other's
     panels (forward and backward of the float32 packed path); results must not change."""

@@ -64,10 +64,11 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
       bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
       bias.narrow(0, 3 * H, H).add_(b_hh.narrow(0, 2 * H, H));
     }
+    const int nt = loop_threads(B, H, threads);
     ops.forward_packed(x.data_ptr<float>(), h0.data_ptr<float>(), w_ih.data_ptr<float>(),
                        w_hh.data_ptr<float>(), bias.data_ptr<float>(), Tn, B, I, H, save,
                        out.data_ptr<float>(), saved.data_ptr<float>(), pack_hh.data_ptr<float>(),
-                       pack_ih.data_ptr<float>(), loop_threads(B, H, threads));
+                       pack_ih.data_ptr<float>(), split_rows(ops, B, 3 * H * (H + I), nt), nt);
     return {out, out[Tn - 1].clone(), saved};
   }
 

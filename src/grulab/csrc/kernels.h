@@ -47,6 +47,14 @@ inline void hidden_slice(int64_t H, int nthreads, int k, int64_t& j0, int64_t& j
   j1 = std::min<int64_t>(H, j0 + chunk);
 }
 
+// Split B batch rows among the threads (the packed loops' other split, see
+// split_rows in native.h): thread k owns rows [r0, r1), multiples of 4 rows
+// except the last slice, so that register tiles of 4 or 8 rows fill up.
+inline void row_slice(int64_t B, int nthreads, int k, int64_t& r0, int64_t& r1) {
+  auto edge = [&](int i) { return i == nthreads ? B : std::min<int64_t>(B, (B * i / nthreads + 3) / 4 * 4); };
+  r0 = edge(k), r1 = edge(k + 1);
+}
+
 // Work sharing for the per-step loops. The P panels of a step are split into
 // one home range per thread (the same units every step, so their packed
 // weights stay in that core's cache); a thread takes panels from the front of
@@ -103,10 +111,11 @@ struct IsaOps {
   const char* name;
   bool packed;
   int64_t panel, cols;
+  int64_t rows;  // batch rows of the packed kernels' widest register tile (4, or 8 on AVX-512)
   void (*forward_packed)(const float* x, const float* h0, const float* w_ih, const float* w_hh,
                          const float* bias4, int64_t Tn, int64_t B, int64_t I, int64_t H,
                          bool save, float* out, float* saved, float* pack_hh, float* pack_ih,
-                         int nt);
+                         bool by_rows, int nt);
   void (*forward_loop_f)(const float* gx, const float* h0, const float* w_hh, const float* b_hh,
                          int64_t Tn, int64_t B, int64_t H, bool reset_after, bool save,
                          float* out, float* saved, int nt);
@@ -122,12 +131,13 @@ struct IsaOps {
   void (*backward_loop_f)(const float* grad_out, int64_t go_step, float* dh, const float* h0,
                           const float* w_hh, const float* out, const float* saved, int64_t Tn,
                           int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dgx,
-                          float* dgh, float* db, float* w_cols, bool w_cols_ready, int nt);
+                          float* dgh, float* db, float* w_cols, bool w_cols_ready, bool by_rows,
+                          int nt);
   void (*backward_loop_d)(const double* grad_out, int64_t go_step, double* dh, const double* h0,
                           const double* w_hh, const double* out, const double* saved,
                           int64_t Tn, int64_t B, int64_t H, bool reset_after, bool need_dh0,
                           double* dgx, double* dgh, double* db, double* w_cols,
-                          bool w_cols_ready, int nt);
+                          bool w_cols_ready, bool by_rows, int nt);
   // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
   // transposed, (K, M) with row length lda. Null where !packed.
   void (*gemm_packed_parallel)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,

@@ -2,6 +2,8 @@
 // batched GEMMs, and a call into one instruction set's loops (kernels.h).
 #pragma once
 
+#include <unistd.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -31,6 +33,19 @@ inline int loop_threads(int64_t B, int64_t H, int64_t threads = 0) {
   if (macs_per_step < (1 << 16)) return 1;
   const int64_t want = threads > 0 ? threads : at::get_num_threads();
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, H / 8)));
+}
+
+// Whether the packed time loops split the batch rows among the threads instead
+// of the hidden units. Batch rows are independent, so a thread that owns rows
+// runs all T steps without a barrier and reads only the h_{t-1} it wrote itself;
+// split by units, every step ends at a barrier and half of h_{t-1} comes from the
+// other core. But each thread then reads all the packed weights every step, not
+// its share: rows only where every thread gets a full register tile of rows
+// (ops.rows) and `weight_floats` fit in one core's L2 (sysconf; unknown: units).
+inline bool split_rows(const IsaOps& ops, int64_t B, int64_t weight_floats, int nt) {
+  static const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  return nt > 1 && ops.rows > 0 && B >= nt * ops.rows && l2 > 0 &&
+         weight_floats * static_cast<int64_t>(sizeof(float)) <= l2;
 }
 
 // C = beta * C + A @ B on 2-D (possibly strided / transposed) views, all of torch's threads.
