@@ -71,6 +71,10 @@ Two tiers implement this, with the same autograd wrapper:
   the per-step GEMMs by the file's own micro-kernel on weights packed once per
   call, with the gate arithmetic applied to the register tile; a thread that
   has finished its own panels takes the remaining ones of a slower thread.
+  With enough batch rows (a full register tile per thread) and packed weights
+  that fit in one core's L2, these loops split the *batch rows* instead: rows
+  are independent, so each thread runs its rows through all T steps with no
+  barrier at all (``split_rows`` in ``csrc/native.h``).
 
 Both tiers are reached through torch operators (``torch.ops.grulab.gru_forward``,
 ``gru_backward``, ``gru_step``) with fake implementations and an autograd
@@ -579,7 +583,8 @@ def gru_step(
     # round trip for a custom op about as much again, so the tier's function is
     # called directly, looked up once per kind of call (GRULAB_KERNEL, which costs
     # a µs to read, is read at the first step of each kind).
-    key = (backend, x.device.type, x.dtype, reset_after)
+    # (x.is_cpu is a fifth of the cost of x.device.type, and CPU is the common case.)
+    key = (backend, x.dtype, reset_after) if x.is_cpu else (backend, x.device.type, x.dtype, reset_after)
     step = _eager_steps.get(key)
     if step is None:
         tier, extra = _tier(_kernel_for(backend, x, reset_after))

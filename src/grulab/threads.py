@@ -1,7 +1,8 @@
 """How many threads the native time loop uses: measured per call shape, so a busy machine does not stall it.
 
 The native loops (``csrc/``) split a layer's hidden units over threads that
-meet at a barrier every time step. On a quiet machine all of torch's threads
+meet at a barrier every time step (or, with enough batch rows, split the rows
+and meet only at the end). On a quiet machine all of torch's threads
 help. When another process keeps a core busy, the OS puts one of our threads
 aside for a whole time slice (milliseconds) and the others wait at the
 barrier, so single calls take many times their quiet time, and a thread count
@@ -15,10 +16,11 @@ times is no worse than the other's; the other one is re-timed now and then
 while it keeps losing), so the choice follows the machine both ways at a cost
 well under 1% on a quiet one.
 
-float32 results do not depend on the count: each hidden unit is computed by
-one thread, whichever it is, with the same arithmetic. float64 sums may
-differ in the last bit, so with ``torch.use_deterministic_algorithms(True)``
-the count stays fixed at torch's.
+Outputs do not depend on the count (each hidden unit of each row is computed
+with the same arithmetic, whichever thread it is), but some gradient sums may
+differ in the last bit (float64 loops; float32 bias gradients when the rows are
+split), so with ``torch.use_deterministic_algorithms(True)`` the count stays
+fixed at torch's.
 """
 from __future__ import annotations
 

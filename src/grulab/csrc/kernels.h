@@ -131,13 +131,12 @@ struct IsaOps {
   void (*backward_loop_f)(const float* grad_out, int64_t go_step, float* dh, const float* h0,
                           const float* w_hh, const float* out, const float* saved, int64_t Tn,
                           int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dgx,
-                          float* dgh, float* db, float* w_cols, bool w_cols_ready, bool by_rows,
-                          int nt);
+                          float* dgh, float* db, float* w_cols, bool w_cols_ready, int nt);
   void (*backward_loop_d)(const double* grad_out, int64_t go_step, double* dh, const double* h0,
                           const double* w_hh, const double* out, const double* saved,
                           int64_t Tn, int64_t B, int64_t H, bool reset_after, bool need_dh0,
                           double* dgx, double* dgh, double* db, double* w_cols,
-                          bool w_cols_ready, bool by_rows, int nt);
+                          bool w_cols_ready, int nt);
   // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
   // transposed, (K, M) with row length lda. Null where !packed.
   void (*gemm_packed_parallel)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
