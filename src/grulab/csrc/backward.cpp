@@ -59,9 +59,16 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   const int nt = loop_threads(B, H, threads);
   // [Σ da_r | Σ da_z | Σ da_n | Σ da_n ⊙ r] over t and b, added to by the loop as it goes.
   Tensor db = (has_b_ih || has_b_hh) ? at::zeros({4 * H}, opts) : Tensor();
+
   const bool is_float = x.scalar_type() == at::kFloat;
   // The packed path (float32, reset_after) packs all columns of W_hh into panels of ops.cols units.
   const bool packed = is_float && ops.packed && reset_after;
+  const bool by_rows = packed && split_rows(ops, B, 3 * H * H, nt);  // see native.h
+  // Where the loop may split the rows at some thread count (the governor picks 1 or 2), each
+  // step's bias sums go by blocks of kRowBlock rows, added up in a fixed order (loops.inc), so
+  // that they are the same bits whichever split and count run; elsewhere over whole steps.
+  const bool blocked = db.defined() && packed && split_rows(ops, B, 3 * H * H, 2);
+  Tensor db_part = blocked ? scratch(kDbPart, {Tc, (B + kRowBlock - 1) / kRowBlock, 4 * H}, opts) : Tensor();
   Tensor w_cols = packed ? scratch(kPackCols, {(H + ops.cols - 1) / ops.cols * 3 * H * ops.cols}, opts)
                          : Tensor();
   // dX with the packed tile where there is one: with I as small as 28, MKL ran this
@@ -87,13 +94,16 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
                           out.data_ptr<float>() + t0 * B * H, saved.data_ptr<float>() + t0 * B * 4 * H,
                           n, B, H, reset_after, need_dh, dgx.data_ptr<float>(), dgh.data_ptr<float>(),
                           db.defined() ? db.data_ptr<float>() : nullptr,
-                          packed ? w_cols.data_ptr<float>() : nullptr, t1 < Tn, nt);
+                          db_part.defined() ? db_part.data_ptr<float>() : nullptr,
+                          packed ? w_cols.data_ptr<float>() : nullptr, t1 < Tn, by_rows, nt);
     } else {
       ops.backward_loop_d(grad_out.data_ptr<double>() + t0 * go_step, go_step, dh.data_ptr<double>(),
                           hprev.data_ptr<double>(), w_hhc.data_ptr<double>(),
                           out.data_ptr<double>() + t0 * B * H, saved.data_ptr<double>() + t0 * B * 4 * H,
                           n, B, H, reset_after, need_dh, dgx.data_ptr<double>(), dgh.data_ptr<double>(),
-                          db.defined() ? db.data_ptr<double>() : nullptr, nullptr, t1 < Tn, nt);
+                          db.defined() ? db.data_ptr<double>() : nullptr,
+                          db_part.defined() ? db_part.data_ptr<double>() : nullptr, nullptr, t1 < Tn,
+                          false, nt);
     }
 
     // This chunk's share of the gradients batched over time: one GEMM each.

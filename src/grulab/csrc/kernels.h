@@ -47,11 +47,17 @@ inline void hidden_slice(int64_t H, int nthreads, int k, int64_t& j0, int64_t& j
   j1 = std::min<int64_t>(H, j0 + chunk);
 }
 
+// Batch rows go to threads (row_slice) and into the backward's blocks of bias
+// sums (loops.inc) in multiples of this many rows, so no block straddles two threads.
+constexpr int64_t kRowBlock = 4;
+
 // Split B batch rows among the threads (the packed loops' other split, see
-// split_rows in native.h): thread k owns rows [r0, r1), multiples of 4 rows
+// split_rows in native.h): thread k owns rows [r0, r1), multiples of kRowBlock
 // except the last slice, so that register tiles of 4 or 8 rows fill up.
 inline void row_slice(int64_t B, int nthreads, int k, int64_t& r0, int64_t& r1) {
-  auto edge = [&](int i) { return i == nthreads ? B : std::min<int64_t>(B, (B * i / nthreads + 3) / 4 * 4); };
+  auto edge = [&](int i) {
+    return i == nthreads ? B : std::min<int64_t>(B, (B * i / nthreads + kRowBlock - 1) / kRowBlock * kRowBlock);
+  };
   r0 = edge(k), r1 = edge(k + 1);
 }
 
@@ -131,12 +137,13 @@ struct IsaOps {
   void (*backward_loop_f)(const float* grad_out, int64_t go_step, float* dh, const float* h0,
                           const float* w_hh, const float* out, const float* saved, int64_t Tn,
                           int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dgx,
-                          float* dgh, float* db, float* w_cols, bool w_cols_ready, int nt);
+                          float* dgh, float* db, float* db_part, float* w_cols, bool w_cols_ready,
+                          bool by_rows, int nt);
   void (*backward_loop_d)(const double* grad_out, int64_t go_step, double* dh, const double* h0,
                           const double* w_hh, const double* out, const double* saved,
                           int64_t Tn, int64_t B, int64_t H, bool reset_after, bool need_dh0,
-                          double* dgx, double* dgh, double* db, double* w_cols,
-                          bool w_cols_ready, int nt);
+                          double* dgx, double* dgh, double* db, double* db_part, double* w_cols,
+                          bool w_cols_ready, bool by_rows, int nt);
   // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
   // transposed, (K, M) with row length lda. Null where !packed.
   void (*gemm_packed_parallel)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
