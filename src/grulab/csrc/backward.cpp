@@ -5,10 +5,18 @@
 namespace grulab {
 
 // Weight gradient of a hidden-side block: dW (N, H) = beta dW + Σ_t dA_t^T P_t, where
-// P_0 = p0 (B, H) and P_t = p_rest[t-1] for t >= 1 (two GEMMs, no concatenation).
+// P_0 = p0 (B, H) and P_t = p_rest[t-1] for t >= 1: two GEMMs, no concatenation, or one
+// where p0 is the step just before p_rest in memory (every chunk but the first: out[t0-1]).
 static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor& p_rest, Tensor& dW,
                                double beta) {
   const int64_t Tn = dA.size(0), B = dA.size(1), N = dA.size(2);
+  const int64_t H = p0.size(1);
+  if (Tn > 1 && p0.is_contiguous() && p_rest.is_contiguous() &&
+      static_cast<const char*>(p0.data_ptr()) + p0.nbytes() == p_rest.data_ptr()) {
+    Tensor p = at::from_blob(p0.data_ptr(), {Tn * B, H}, p0.options());  // (Tn*B, H) = [p0; p_rest]
+    gemm(dA.reshape({Tn * B, N}).t(), p, dW, beta);  // (N, H) = (N, Tn*B) @ (Tn*B, H)
+    return;
+  }
   gemm(dA[0].t(), p0, dW, beta);  // (N, H) = (N, B) @ (B, H)
   if (Tn > 1) {
     Tensor dA_rest = dA.narrow(0, 1, Tn - 1).reshape({(Tn - 1) * B, N});    // ((T-1)B, N)
