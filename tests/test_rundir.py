@@ -264,7 +264,11 @@ def test_a_stopped_run_loses_at_most_one_checkpoint_interval(tmp_path, signum):
     try:
         wait_for(lambda: config.exists() and json.loads(config.read_text())["serial"] >= 2, proc, "second timed save")
         time.sleep(0.3)
-        sent = time.time()
+        # The time of sending, read from the clock that stamps files (the kernel's coarse clock,
+        # a few ms behind time.time(): a save just after the signal could look older than it).
+        marker = tmp_path / "signal-sent"
+        marker.touch()
+        sent = marker.stat().st_mtime
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
