@@ -1,6 +1,10 @@
 """Tests of grulab.fused against torch.nn.GRU and grulab.reference (both tiers)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -243,6 +247,40 @@ def test_a_row_is_a_row_whatever_the_thread_split(kernel, B):
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+SMALL_TEAM = """
+import sys, torch
+from grulab import native, reference
+m, isa = native.load(), sys.argv[1]
+for T, B, I, H in [(3, 32, 5, 64), (3, 4, 5, 64)]:  # the batch rows split, the units split
+    g = torch.Generator().manual_seed(B)
+    x, h0 = torch.randn(T, B, I, generator=g), torch.randn(B, H, generator=g)
+    w_ih, w_hh = torch.randn(3 * H, I, generator=g) * 0.2, torch.randn(3 * H, H, generator=g) * 0.2
+    b_ih, b_hh = torch.randn(3 * H, generator=g), torch.randn(3 * H, generator=g)
+    go = torch.randn(T, B, H, generator=g)
+    out, h_T, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, True, True, isa, 2)
+    got = m.backward(go, None, x, h0, w_ih, w_hh, out, saved, True, True, True, True, True, isa, 2, 0)
+    leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    o, _ = reference.gru_layer(*leaves, True)
+    want = torch.autograd.grad((o * go).sum(), leaves)
+    torch.testing.assert_close(out, o.detach(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("kernel", [k for k in NATIVE if k != "native-generic"])
+def test_a_smaller_team_than_asked_for_still_does_every_row_and_panel(kernel):
+    """OpenMP may give a time loop fewer threads than it asks for (OMP_THREAD_LIMIT, a call from
+    inside another parallel region): every panel must still be packed and every batch row computed."""
+    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
+        pytest.skip(f"{kernel} cannot run here")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    done = subprocess.run([sys.executable, "-c", SMALL_TEAM, kernel[len("native-"):]], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

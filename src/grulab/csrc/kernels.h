@@ -82,8 +82,14 @@ class PanelQueue {
     reset(0);
     reset(1);
   }
-  int64_t home_lo(int k) const { return lo_[k]; }
-  int64_t home_hi(int k) const { return hi_[k]; }
+  // The panels thread k of a team of nk prepares (packs) before the steps: its home
+  // range, or, where OpenMP gave a smaller team than planned (OMP_THREAD_LIMIT, a call
+  // from inside another parallel region), an even share, so that every panel is done.
+  void share(int k, int nk, int64_t& lo, int64_t& hi) const {
+    const int64_t panels = hi_[n_ - 1];
+    lo = nk == n_ ? lo_[k] : panels * k / nk;
+    hi = nk == n_ ? hi_[k] : panels * (k + 1) / nk;
+  }
   void reset(int set) {
     for (int k = 0; k < n_; ++k) cur_[set * n_ + k].v.store(lo_[k], std::memory_order_relaxed);
   }
