@@ -37,8 +37,7 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
 // before it). Else a chunk's buffer is about 32 MiB (8 Mi elements), with at
 // least 2048 rows (steps · B) so that the weight GEMMs stay efficient.
 static int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes) {
-  static const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-  const int64_t in_l2 = l2 > 0 ? l2 / (2 * B * 3 * H * elem_bytes) : 0;
+  const int64_t in_l2 = l2_bytes() / (2 * B * 3 * H * elem_bytes);  // 0 where L2 is unknown
   if (in_l2 >= 4) return std::min(in_l2, Tn);
   const int64_t by_size = (int64_t(8) << 20) / (B * 3 * H), by_rows = (2048 + B - 1) / B;
   return std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);

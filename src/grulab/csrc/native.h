@@ -35,6 +35,12 @@ inline int loop_threads(int64_t B, int64_t H, int64_t threads = 0) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, H / 8)));
 }
 
+// One core's L2 cache in bytes (sysconf, read once), or 0 where the system does not say.
+inline int64_t l2_bytes() {
+  static const int64_t l2 = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+  return l2;
+}
+
 // Whether the packed time loops split the batch rows among the threads instead
 // of the hidden units. Batch rows are independent, so a thread that owns rows
 // runs all T steps without a barrier and reads only the h_{t-1} it wrote itself;
@@ -43,7 +49,7 @@ inline int loop_threads(int64_t B, int64_t H, int64_t threads = 0) {
 // its share: rows only where every thread gets a full register tile of rows
 // (ops.rows) and `weight_floats` fit in one core's L2 (sysconf; unknown: units).
 inline bool split_rows(const IsaOps& ops, int64_t B, int64_t weight_floats, int nt) {
-  static const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  const int64_t l2 = l2_bytes();
   return nt > 1 && ops.rows > 0 && B >= nt * ops.rows && l2 > 0 &&
          weight_floats * static_cast<int64_t>(sizeof(float)) <= l2;
 }
