@@ -309,7 +309,8 @@ def test_non_contiguous_input(tier):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reset_after", [True, False])
-@pytest.mark.parametrize("B, I, H", [(1, 7, 10), (3, 7, 10), (6, 7, 10), (1, 28, 256), (5, 9, 70)])
+@pytest.mark.parametrize("B, I, H", [(1, 7, 10), (3, 7, 10), (6, 7, 10), (1, 28, 256), (5, 9, 70),
+                                     (2, 16, 33)])  # I = 16: no masked tail in a zmm; H = 33: one
 def test_gru_step_matches_reference(tier, B, I, H, reset_after, bias, dtype):
     params = [None if p is None else p.detach() for p in make_params(I, H, bias, dtype)]
     x = torch.randn(B, I, dtype=dtype)
