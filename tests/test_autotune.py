@@ -206,3 +206,33 @@ def test_cli_kernels_forget_deletes_the_choices(cache, capsys):
     assert not autotune.path().exists()
     _gru()(torch.randn(3, 2, 5))  # the next call measures again
     assert len(autotune.recorded()) == 1
+
+
+def _mkl_max_threads():
+    """MKL's thread count for this thread (None where torch's BLAS is not MKL)."""
+    import ctypes
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    fn = getattr(lib, "MKL_Get_Max_Threads", None)
+    return None if fn is None else fn()
+
+
+@pytest.mark.skipif(not fused.native_available(), reason="native extension unavailable")
+def test_a_call_on_one_thread_gives_mkl_its_thread_count_back(tier, two_threads):
+    """A native call runs its BLAS GEMMs on the governor's count (csrc/native.h, BlasThreads:
+    MKL's thread-local count for the call); afterwards MKL is back on torch's count."""
+    if not tier.startswith("native-"):
+        pytest.skip("native kernels only")
+    if _mkl_max_threads() is None:
+        pytest.skip("torch's BLAS is not MKL")
+    assert _mkl_max_threads() == 2
+    isa = tier[len("native-"):]
+    torch.manual_seed(0)
+    T, B, I, H = 3, 4, 5, 64
+    x, h0 = torch.randn(T, B, I), torch.randn(B, H)
+    w_ih, w_hh, b_ih, b_hh = torch.randn(3 * H, I), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(3 * H)
+    mod = native.load()
+    out, _, saved = mod.forward(x, h0, w_ih, w_hh, b_ih, b_hh, True, True, isa, 1)
+    assert _mkl_max_threads() == 2
+    mod.backward(torch.ones_like(out), None, x, h0, w_ih, w_hh, out, saved, True, True, True, True,
+                 True, isa, 1, 0)
+    assert _mkl_max_threads() == 2

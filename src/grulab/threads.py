@@ -9,7 +9,8 @@ barrier, so single calls take many times their quiet time, and a thread count
 that is right on a quiet machine becomes the slowest one.
 
 So the count is chosen by measurement, per call shape, from two candidates:
-torch's intra-op count N and N // 2 (for 2 cores: 2 and 1). Every native call
+torch's intra-op count N and N // 2 (for 2 cores: 2 and 1). It holds for the
+whole call: the time loops and the weight GEMMs that MKL runs inside it. Every native call
 is timed; the candidate in use is kept while the median of its last three
 times is no worse than the other's; the other one is re-timed now and then
 (8 calls after a switch, then backing off, doubling up to every 128 calls

@@ -54,6 +54,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
                                  bool has_b_ih, bool has_b_hh, bool need_x, bool need_h0,
                                  const std::string& isa, int64_t threads, int64_t chunk) {
   const IsaOps& ops = ops_for(isa);
+  const BlasThreads blas_threads(threads);
   const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
   TORCH_CHECK(chunk >= 0, "grulab native GRU: chunk must be >= 0 (0: chosen by size), got ", chunk);
   const auto opts = x.options();

@@ -40,6 +40,7 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
                                 const std::optional<Tensor>& b_hh_, bool reset_after, bool save,
                                 const std::string& isa, int64_t threads) {
   const IsaOps& ops = ops_for(isa);
+  const BlasThreads blas_threads(threads);
   TORCH_CHECK(x_.dim() == 3 && h0_.dim() == 2, "grulab native GRU: x must be (T, B, I), h (B, H)");
   TORCH_CHECK(x_.size(0) > 0, "grulab native GRU: empty sequence (T == 0)");
   check_native_args(x_, h0_, w_ih_, w_hh_, b_ih_, b_hh_);

@@ -54,7 +54,29 @@ inline bool split_rows(const IsaOps& ops, int64_t B, int64_t weight_floats, int 
          weight_floats * static_cast<int64_t>(sizeof(float)) <= l2;
 }
 
-// C = beta * C + A @ B on 2-D (possibly strided / transposed) views, all of torch's threads.
+// MKL's thread count for the calling thread while a BlasThreads lives: `threads` if > 0
+// (the governor's count, grulab.threads), else untouched. Without it a call the governor
+// runs on 1 thread because another process holds a core still handed its weight GEMMs to
+// all of torch's threads, which then waited for the busy core: fwd+bwd at (32, 35, 28, 256)
+// beside one busy process took 2.7-3.0x its quiet time on Sapphire Rapids, 1.8-2.2x with
+// torch.set_num_threads(1). A no-op where torch's BLAS is not MKL (the symbol is weak).
+// (MKL_Set_Num_Threads_Local is the C entry point that mkl_service.h's lower-case name
+// stands for; libtorch_cpu's lower-case symbol is the Fortran one, which takes an int*.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+struct BlasThreads {
+  int previous = -1;  // MKL's previous thread-local count (0: its global one)
+  explicit BlasThreads(int64_t threads) {
+    if (threads > 0 && MKL_Set_Num_Threads_Local)
+      previous = MKL_Set_Num_Threads_Local(static_cast<int>(threads));
+  }
+  ~BlasThreads() {
+    if (previous >= 0) MKL_Set_Num_Threads_Local(previous);
+  }
+  BlasThreads(const BlasThreads&) = delete;
+  BlasThreads& operator=(const BlasThreads&) = delete;
+};
+
+// C = beta * C + A @ B on 2-D (possibly strided / transposed) views, MKL's threads (BlasThreads).
 inline void gemm(const Tensor& A, const Tensor& B, Tensor& C, double beta) {
   if (C.numel() == 0) return;
   if (beta == 0.0) {
