@@ -236,3 +236,33 @@ def test_a_call_on_one_thread_gives_mkl_its_thread_count_back(tier, two_threads)
     mod.backward(torch.ones_like(out), None, x, h0, w_ih, w_hh, out, saved, True, True, True, True,
                  True, isa, 1, 0)
     assert _mkl_max_threads() == 2
+
+
+@pytest.mark.skipif(not fused.native_available(), reason="native extension unavailable")
+def test_a_training_step_is_timed_forward_and_backward_and_recorded_at_the_next(tier, two_threads):
+    """The native training step's backward runs in C++ (csrc/autograd.cpp) and writes its own
+    time; the governor records forward + backward at the next step of the shape, not before,
+    and a step whose backward never ran records nothing."""
+    if not tier.startswith("native-"):
+        pytest.skip("native kernels only")
+    torch.manual_seed(0)
+    I, H = 5, 64
+    w = [p.requires_grad_() for p in (torch.randn(3 * H, I), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(3 * H))]
+    x, h0 = torch.randn(4, 3, I), torch.zeros(3, H)
+    key = ("train", tier[len("native-"):], (4, 3, I), H, torch.float32, True, False)
+    threads._states.pop(key, None)
+
+    def recorded():
+        state = threads._states.get(key)
+        return [] if state is None else [t for times in state.recent.values() for t in times]
+
+    out, _ = fused.gru_layer(x, h0, *w, backend=tier)
+    assert recorded() == []
+    fused.gru_layer(x, h0, *w, backend=tier)  # the first step never ran its backward
+    assert recorded() == []
+    out, _ = fused.gru_layer(x, h0, *w, backend=tier)
+    out.sum().backward()
+    assert recorded() == []
+    fused.gru_layer(x, h0, *w, backend=tier)
+    times = recorded()
+    assert len(times) == 1 and 0 < times[0] < 10

@@ -81,7 +81,9 @@ Both tiers are reached through torch operators (``torch.ops.grulab.gru_forward``
 formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one node
 per layer. In eager mode the same tier functions and formula are called
 directly (``_EagerLayer``, and ``gru_step``'s lookup), since the custom op's
-Python argument handling costs more than a small layer's arithmetic.
+Python argument handling costs more than a small layer's arithmetic; a native
+kernel's training step goes further: its backward is a C++ autograd function
+(``csrc/autograd.cpp``), so the autograd engine reaches the kernel without Python.
 :mod:`grulab.kernels` decides which kernel runs (``grulab kernels`` shows it);
 ``GRULAB_KERNEL=<name>`` forces one.
 """
@@ -347,6 +349,17 @@ class _NativeTier:
     def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):
         return native.load().step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, isa)
 
+    @staticmethod
+    def train(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):
+        """Eager training: the forward now, and outputs whose grad_fn is the native backward in
+        C++ (csrc/autograd.cpp), so no Python runs between the autograd engine and the kernel.
+        Same formula and results as ``_EagerLayer`` with this tier; one thread count for the
+        forward and its backward."""
+        key = ("train", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, x.requires_grad)
+        out, h_T = threads.later(key, lambda n: native.load().layer_train(
+            x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, isa, n))
+        return out, h_T
+
 
 def _tier(kernel: str):
     """(tier, extra args) for a fused kernel name from grulab.kernels."""
@@ -548,6 +561,9 @@ def gru_layer(
         out, h_T, _ = torch.ops.grulab.gru_forward(*args, reset_after, save, kernel)  # inference saves nothing
         return out, h_T
     if save:
+        tier, extra = _tier(kernel)
+        if tier is _NativeTier:
+            return _NativeTier.train(*args, reset_after, *extra)
         return _EagerLayer.apply(*args, reset_after, kernel)
     tier, extra = _tier(kernel)
     out, h_T, _ = tier.forward(*args, reset_after, False, *extra)

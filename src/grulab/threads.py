@@ -10,8 +10,10 @@ that is right on a quiet machine becomes the slowest one.
 
 So the count is chosen by measurement, per call shape, from two candidates:
 torch's intra-op count N and N // 2 (for 2 cores: 2 and 1). It holds for the
-whole call: the time loops and the weight GEMMs that MKL runs inside it. Every native call
-is timed; the candidate in use is kept while the median of its last three
+whole call: the time loops and the weight GEMMs that MKL runs inside it; a
+training step's forward and backward share one count and are timed together
+(the backward times itself in C++, and its time is recorded at the next step of
+that shape). Every native call is timed; the candidate in use is kept while the median of its last three
 times is no worse than the other's; the other one is re-timed now and then
 (8 calls after a switch, then backing off, doubling up to every 128 calls
 while it keeps losing), so the choice follows the machine both ways at a cost
@@ -101,6 +103,36 @@ def timed(key: tuple, call):
     result = call(threads)
     record(key, threads, time.perf_counter() - t0)
     return result
+
+
+_later: dict[tuple, tuple[int, torch.Tensor]] = {}  # key -> (count, timing) of the last call
+
+
+def later(key: tuple, call):
+    """Run ``call(threads) -> (*results, timing)`` with the governor's count for ``key``, where
+    ``timing`` (float64: [forward seconds, backward seconds]) is filled in by the call and,
+    when autograd reaches it, by its backward (a native training step: csrc/autograd.cpp,
+    one count for both). The step's time is recorded at the next call of this shape, if its
+    backward has run by then; returns ``results``."""
+    with _lock:
+        previous = _later.pop(key, None)
+    if previous is not None:
+        forward_s, backward_s = previous[1].tolist()
+        if backward_s > 0:
+            record(key, previous[0], forward_s + backward_s)
+        else:  # no backward (a forward with grad enabled, then dropped): it does not count
+            with _lock:
+                state = _states.get(key)
+                if state is not None:
+                    state.countdown += 1
+    threads = choose(key)
+    *results, timing = call(threads)
+    if threads:
+        with _lock:
+            if len(_later) >= MAX_KEYS:
+                _later.clear()
+            _later[key] = (threads, timing)
+    return results
 
 
 def snapshot() -> dict[tuple, int]:

@@ -8,6 +8,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &grulab::gru_forward, "GRU layer forward (native)");
   m.def("backward", &grulab::gru_backward, "GRU layer backward through time (native)");
+  m.def("layer_train", &grulab::gru_layer_train,
+        "GRU layer forward whose output's grad_fn runs the native backward (C++ autograd function)");
   m.def("step", &grulab::gru_step, "single GRU step (native)");
   m.def("release_scratch", &grulab::release_scratch, "free the calling thread's kept scratch buffers");
   m.def("cpu_supports", [](const std::string& isa) { return grulab::cpu_supports(isa.c_str()); },
