@@ -553,23 +553,40 @@ def gru_layer(
         raise ValueError(f"gru_layer: expected x (T, B, I) and h (B, H), got {tuple(x.shape)} and {tuple(h.shape)}")
     if x.shape[0] == 0:
         raise ValueError("gru_layer: empty sequence (T == 0)")
-    args = (x.contiguous(), h.contiguous(), w_ih.contiguous(), w_hh.contiguous(),
-            None if b_ih is None else b_ih.contiguous(), None if b_hh is None else b_hh.contiguous())
-    kernel = _kernel_for(backend, x, reset_after)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
     if type(x) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        args = _contiguous(x, h, w_ih, w_hh, b_ih, b_hh)
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+        kernel = _kernel_for(backend, x, reset_after)
         out, h_T, _ = torch.ops.grulab.gru_forward(*args, reset_after, save, kernel)  # inference saves nothing
         return out, h_T
+    # Eager: the kernel and its tier looked up once per kind of call where the backend is
+    # named (grulab.GRU names the one autotune chose), since the lookup's Python, run with
+    # cold caches after other work, cost ~0.1 ms a call; GRULAB_KERNEL is read per call otherwise.
+    key = (backend, x.dtype, reset_after) if x.is_cpu else (backend, x.device.type, x.dtype, reset_after)
+    found = _eager_layers.get(key) if backend is not None else None
+    if found is None:
+        kernel = _kernel_for(backend, x, reset_after)
+        found = (kernel, *_tier(kernel))
+        if backend is not None:
+            _eager_layers[key] = found
+    kernel, tier, extra = found
+    save = torch.is_grad_enabled() and (
+        x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+        or (b_ih is not None and b_ih.requires_grad) or (b_hh is not None and b_hh.requires_grad))
+    if save and tier is _NativeTier:  # the C++ side makes its own contiguous copies
+        return _NativeTier.train(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
+    args = _contiguous(x, h, w_ih, w_hh, b_ih, b_hh)
     if save:
-        tier, extra = _tier(kernel)
-        if tier is _NativeTier:
-            return _NativeTier.train(*args, reset_after, *extra)
         return _EagerLayer.apply(*args, reset_after, kernel)
-    tier, extra = _tier(kernel)
     out, h_T, _ = tier.forward(*args, reset_after, False, *extra)
     return out, h_T
 
 
+def _contiguous(*tensors):
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+_eager_layers: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (kernel, tier, extra args)
 _eager_steps: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (function, extra args)
 
 

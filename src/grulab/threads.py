@@ -27,11 +27,11 @@ fixed at torch's.
 """
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -47,10 +47,15 @@ class _State:
     recent: dict[int, deque] = field(default_factory=dict)
     interval: int = FIRST_PROBE
     countdown: int = FIRST_PROBE
+    pending: Optional[tuple[int, torch.Tensor]] = None  # later(): (count, timing) of the last call
 
     def median(self, n: int) -> float:
         times = self.recent.get(n)
-        return statistics.median(times) if times else float("inf")
+        if not times:
+            return float("inf")
+        s = sorted(times)
+        m = len(s) // 2
+        return s[m] if len(s) % 2 else (s[m - 1] + s[m]) / 2
 
 
 _states: dict[tuple, _State] = {}
@@ -63,35 +68,43 @@ def choose(key: tuple) -> int:
     if n < 2 or torch.are_deterministic_algorithms_enabled():
         return 0
     with _lock:
-        state = _states.get(key)
-        if state is None or n not in state.counts:  # new shape, or torch.set_num_threads since
-            if len(_states) >= MAX_KEYS:
-                _states.clear()
-            state = _states[key] = _State((n, max(1, n // 2)))
-        state.countdown -= 1
-        return state.counts[1] if state.countdown <= 0 else state.counts[0]
+        return _choose(key, n)
+
+
+def _choose(key: tuple, n: int) -> int:  # under _lock
+    state = _states.get(key)
+    if state is None or n not in state.counts:  # new shape, or torch.set_num_threads since
+        if len(_states) >= MAX_KEYS:
+            _states.clear()
+        state = _states[key] = _State((n, max(1, n // 2)))
+    state.countdown -= 1
+    return state.counts[1] if state.countdown <= 0 else state.counts[0]
 
 
 def record(key: tuple, threads: int, seconds: float) -> None:
     """Tell the governor how long a call of this shape took with ``threads``."""
     with _lock:
-        state = _states.get(key)
-        if state is None or threads not in state.counts:
-            return
-        current, other = state.counts
-        if threads == other:  # a probe: its fresh time against the current count's recent ones
-            state.recent[other] = deque([seconds], maxlen=WINDOW)
-            if seconds < state.median(current):  # it won: switch
-                state.counts, state.interval = (other, current), FIRST_PROBE
-            else:  # it lost: wait longer before the next one
-                state.interval = min(2 * state.interval, MAX_INTERVAL)
-            state.countdown = state.interval
-            return
-        times = state.recent.setdefault(current, deque(maxlen=WINDOW))
-        times.append(seconds)
-        if len(times) == WINDOW and state.median(current) > state.median(other):
-            # the count in use got slower than the other's last times: the machine got busy
-            state.counts, state.interval, state.countdown = (other, current), FIRST_PROBE, FIRST_PROBE
+        _record(key, threads, seconds)
+
+
+def _record(key: tuple, threads: int, seconds: float) -> None:  # under _lock
+    state = _states.get(key)
+    if state is None or threads not in state.counts:
+        return
+    current, other = state.counts
+    if threads == other:  # a probe: its fresh time against the current count's recent ones
+        state.recent[other] = deque([seconds], maxlen=WINDOW)
+        if seconds < state.median(current):  # it won: switch
+            state.counts, state.interval = (other, current), FIRST_PROBE
+        else:  # it lost: wait longer before the next one
+            state.interval = min(2 * state.interval, MAX_INTERVAL)
+        state.countdown = state.interval
+        return
+    times = state.recent.setdefault(current, deque(maxlen=WINDOW))
+    times.append(seconds)
+    if len(times) == WINDOW and state.median(current) > state.median(other):
+        # the count in use got slower than the other's last times: the machine got busy
+        state.counts, state.interval, state.countdown = (other, current), FIRST_PROBE, FIRST_PROBE
 
 
 def timed(key: tuple, call):
@@ -105,33 +118,34 @@ def timed(key: tuple, call):
     return result
 
 
-_later: dict[tuple, tuple[int, torch.Tensor]] = {}  # key -> (count, timing) of the last call
-
-
 def later(key: tuple, call):
     """Run ``call(threads) -> (*results, timing)`` with the governor's count for ``key``, where
     ``timing`` (float64: [forward seconds, backward seconds]) is filled in by the call and,
     when autograd reaches it, by its backward (a native training step: csrc/autograd.cpp,
     one count for both). The step's time is recorded at the next call of this shape, if its
-    backward has run by then; returns ``results``."""
+    backward has run by then; a step without a backward does not count. Returns ``results``.
+    (One pass under the lock: this runs once per training step, often with cold caches.)"""
+    n = torch.get_num_threads()
+    if n < 2 or torch.are_deterministic_algorithms_enabled():
+        return call(0)[:-1]
     with _lock:
-        previous = _later.pop(key, None)
+        state = _states.get(key)
+        previous = None if state is None else state.pending
     if previous is not None:
         forward_s, backward_s = previous[1].tolist()
-        if backward_s > 0:
-            record(key, previous[0], forward_s + backward_s)
-        else:  # no backward (a forward with grad enabled, then dropped): it does not count
-            with _lock:
-                state = _states.get(key)
-                if state is not None:
-                    state.countdown += 1
-    threads = choose(key)
+    with _lock:
+        if previous is not None:
+            state.pending = None
+            if backward_s > 0:
+                _record(key, previous[0], forward_s + backward_s)
+            else:  # no backward (a forward with grad enabled, then dropped): it does not count
+                state.countdown += 1
+        threads = _choose(key, n)
     *results, timing = call(threads)
-    if threads:
-        with _lock:
-            if len(_later) >= MAX_KEYS:
-                _later.clear()
-            _later[key] = (threads, timing)
+    with _lock:
+        state = _states.get(key)
+        if state is not None:
+            state.pending = (threads, timing)
     return results
 
 
