@@ -224,6 +224,31 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, B, tw
         torch.testing.assert_close(got[0], whole[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("I", [1, 4, 9, 17, 24, 28, 41, 64])
+@pytest.mark.parametrize("kernel", [k for k in NATIVE if k != "native-generic"])
+def test_dw_ih_by_the_narrow_tile_for_every_column_group(kernel, I, two_threads):
+    """dW_ih = dG_x^T X by gemm_at_narrow (loops.inc) for I <= 64: full groups of columns and a
+    left-over group in each tile size, 3H = 99 rows of which 99 mod 16 (or 8) by the scalar tail;
+    against the reference, and the same bits on 1 and 2 threads."""
+    if native.load().cpu_supports(kernel[len("native-"):]) is False:
+        pytest.skip(f"{kernel} cannot run here")
+    T, B, H = 5, 6, 33
+    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, torch.float32))
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, torch.float32))
+    go = torch.randn(T, B, H, generator=torch.Generator().manual_seed(5))
+    isa, m = kernel[len("native-"):], native.load()
+    grads = []
+    for n in (1, 2):
+        out, _, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, True, True, isa, n)
+        grads.append(m.backward(go, None, x, h0, w_ih, w_hh, out, saved, True, True, True, False, False,
+                                isa, n, 0)[2])
+    leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    o, _ = reference.gru_layer(*leaves, True)
+    want = torch.autograd.grad((o * go).sum(), leaves[2])[0]
+    torch.testing.assert_close(grads[0], want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("B", [16, 20, 37])
 @pytest.mark.parametrize("kernel", [k for k in NATIVE if k != "native-generic"])
 def test_a_row_is_a_row_whatever_the_thread_split(kernel, B):

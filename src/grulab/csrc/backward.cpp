@@ -90,9 +90,9 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   // (T*B, I) = (T*B, 3H) @ (3H, I) GEMM at under half of the machine's rate.
   const bool dx_packed = need_x && is_float && ops.packed;
   Tensor dx = !need_x ? Tensor() : dx_packed ? at::zeros({Tn, B, I}, opts) : at::empty({Tn, B, I}, opts);
-  // dW_ih with the packed tile too where I is small: MKL ran (3H, T*B) @ (T*B, 28) at ≈80
-  // GFLOP/s; the tile, reading dG_x in place as A^T, made the backward at (32, 35, 28, 256)
-  // 1.5% faster and, like every native GEMM here, does not depend on the thread count.
+  // dW_ih by our own tile too where I is small (gemm_at_narrow, loops.inc): MKL ran
+  // (3H, T*B) @ (T*B, 28) at ≈80 GFLOP/s; the tile reads dG_x in place, row by row, and
+  // like every native GEMM here does not depend on the thread count.
   const bool dw_ih_packed = is_float && ops.packed && I <= kPackedDwIhMaxI;
   const int gemm_nt = threads > 0 ? static_cast<int>(threads) : at::get_num_threads();
   Tensor dw_ih = dw_ih_packed ? at::zeros({3 * H, I}, opts) : at::empty({3 * H, I}, opts);
