@@ -13,8 +13,8 @@ torch's intra-op count N and N // 2 (for 2 cores: 2 and 1). It holds for the
 whole call: the time loops and the weight GEMMs that MKL runs inside it; a
 training step's forward and backward share one count and are timed together
 (the backward times itself in C++, and its time is recorded at the next step of
-that shape). Every native call is timed; the candidate in use is kept while the median of its last three
-times is no worse than the other's; the other one is re-timed now and then
+that shape). Every native call is timed; the candidate in use is kept while the
+median of its last three times is no worse than the other's; the other one is re-timed now and then
 (8 calls after a switch, then backing off, doubling up to every 128 calls
 while it keeps losing), so the choice follows the machine both ways at a cost
 well under 1% on a quiet one.
@@ -124,22 +124,22 @@ def later(key: tuple, call):
     when autograd reaches it, by its backward (a native training step: csrc/autograd.cpp,
     one count for both). The step's time is recorded at the next call of this shape, if its
     backward has run by then; a step without a backward does not count. Returns ``results``.
-    (One pass under the lock: this runs once per training step, often with cold caches.)"""
+    (Written for few Python steps: it runs once per training step, often with cold caches.)"""
     n = torch.get_num_threads()
     if n < 2 or torch.are_deterministic_algorithms_enabled():
         return call(0)[:-1]
     with _lock:
         state = _states.get(key)
-        previous = None if state is None else state.pending
+        previous = None
+        if state is not None:
+            previous, state.pending = state.pending, None
     if previous is not None:
         forward_s, backward_s = previous[1].tolist()
     with _lock:
-        if previous is not None:
-            state.pending = None
-            if backward_s > 0:
-                _record(key, previous[0], forward_s + backward_s)
-            else:  # no backward (a forward with grad enabled, then dropped): it does not count
-                state.countdown += 1
+        if previous is not None and backward_s > 0:
+            _record(key, previous[0], forward_s + backward_s)
+        elif previous is not None:  # no backward (a forward with grad enabled, then dropped): not counted
+            state.countdown += 1
         threads = _choose(key, n)
     *results, timing = call(threads)
     with _lock:
