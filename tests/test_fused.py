@@ -224,19 +224,24 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, B, tw
         torch.testing.assert_close(got[0], whole[0], rtol=0, atol=0)
 
 
+def _native_case(kernel, T, B, I, H, dtype=torch.float32):
+    """(w_ih, w_hh, b_ih, b_hh), x, h0, a seeded dL/dout, the ISA and the native module; skips
+    where this CPU cannot run ``kernel``."""
+    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
+        pytest.skip(f"{kernel} cannot run here")
+    params = tuple(p.detach() for p in make_params(I, H, True, dtype))
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
+    go = torch.randn(T, B, H, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    return params, x, h0, go, kernel[len("native-"):], native.load()
+
+
 @pytest.mark.parametrize("I", [1, 4, 9, 17, 24, 28, 41, 64])
 @pytest.mark.parametrize("kernel", [k for k in NATIVE if k != "native-generic"])
 def test_dw_ih_by_the_narrow_tile_for_every_column_group(kernel, I, two_threads):
     """dW_ih = dG_x^T X by gemm_at_narrow (loops.inc) for I <= 64: full groups of columns and a
     left-over group in each tile size, 3H = 99 rows of which 99 mod 16 (or 8) by the scalar tail;
     against the reference, and the same bits on 1 and 2 threads."""
-    if native.load().cpu_supports(kernel[len("native-"):]) is False:
-        pytest.skip(f"{kernel} cannot run here")
-    T, B, H = 5, 6, 33
-    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, torch.float32))
-    x, h0 = (t.detach() for t in inputs(T, B, I, H, torch.float32))
-    go = torch.randn(T, B, H, generator=torch.Generator().manual_seed(5))
-    isa, m = kernel[len("native-"):], native.load()
+    (w_ih, w_hh, b_ih, b_hh), x, h0, go, isa, m = _native_case(kernel, 5, 6, I, 33)
     grads = []
     for n in (1, 2):
         out, _, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, True, True, isa, n)
@@ -256,13 +261,7 @@ def test_a_row_is_a_row_whatever_the_thread_split(kernel, B):
     rows (csrc/native.h: split_rows); either way a batch row's numbers are made by the same
     register tiles in the same order, and the bias sums go by fixed blocks of rows: every output
     and gradient is the same bits on 1, 2 and 3 threads."""
-    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
-        pytest.skip(f"{kernel} cannot run here")
-    T, I, H = 5, 6, 64
-    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, torch.float32))
-    x, h0 = (t.detach() for t in inputs(T, B, I, H, torch.float32))
-    go = torch.randn(T, B, H, generator=torch.Generator().manual_seed(5))
-    isa, m = kernel[len("native-"):], native.load()
+    (w_ih, w_hh, b_ih, b_hh), x, h0, go, isa, m = _native_case(kernel, 5, B, 6, 64)
     runs = []
     for threads in (1, 2, 3):
         out, h_T, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, True, True, isa, threads)
