@@ -185,6 +185,50 @@ def test_sum_loss_frozen_bias_no_h0_grad(tier, shape, frozen, reset_after, dtype
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+@pytest.mark.parametrize("absent", ["b_ih", "b_hh"])
+@pytest.mark.parametrize("frozen", ["w_ih", "w_hh"])
+def test_one_bias_absent_and_a_frozen_weight(tier, absent, frozen):
+    """One bias None and one weight without requires_grad: the native training step's autograd
+    function (csrc/autograd.cpp) counts its inputs' gradient edges without the absent bias,
+    so every gradient must still reach its own tensor (and none the frozen weight)."""
+    T, B, I, H = 4, 3, 5, 16
+    w_ih, w_hh, b_ih, b_hh = make_params(I, H, True, torch.float64)
+    b_ih, b_hh = (None, b_hh) if absent == "b_ih" else (b_ih, None)
+    (w_ih if frozen == "w_ih" else w_hh).requires_grad_(False)
+    x, h0 = inputs(T, B, I, H, torch.float64)
+    params = [w_ih, w_hh, b_ih, b_hh]
+    leaves = [t for t in [x, h0, *params] if t is not None and t.requires_grad]
+
+    def grads(layer):
+        out, h_T = layer(x, h0, *params, True)
+        return torch.autograd.grad((out * out).sum() + h_T.sum(), leaves)
+
+    got = grads(lambda *a: fused.gru_layer(*a, backend=tier))
+    want = grads(reference.gru_layer)
+    assert len(got) == len(leaves) == 4  # x, h0, the other weight, the present bias
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_a_retained_graph_runs_its_backward_twice(tier):
+    """backward(retain_graph=True) twice through one forward: the saved tensors of the native
+    training step (csrc/autograd.cpp) are kept, and the gradients add up to twice the reference's."""
+    T, B, I, H = 3, 2, 4, 8
+    params = make_params(I, H, True, torch.float64)
+    x, h0 = inputs(T, B, I, H, torch.float64)
+    out, h_T = fused.gru_layer(x, h0, *params, backend=tier)
+    loss = out.sum() + h_T.sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    got = [t.grad.clone() for t in (x, h0, *params)]
+    for t in (x, h0, *params):
+        t.grad = None
+    out, h_T = reference.gru_layer(x, h0, *params)
+    (out.sum() + h_T.sum()).backward()
+    for a, t in zip(got, (x, h0, *params)):
+        torch.testing.assert_close(a, 2 * t.grad, **TOL[torch.float64])
+
+
 NATIVE = [t for t in TIERS if t.startswith("native-")]
 
 
