@@ -232,8 +232,19 @@ def test_a_retained_graph_runs_its_backward_twice(tier):
 NATIVE = [t for t in TIERS if t.startswith("native-")]
 
 
+def _native_case(kernel, T, B, I, H, dtype=torch.float32):
+    """(w_ih, w_hh, b_ih, b_hh), x, h0, a seeded dL/dout, the ISA and the native module; skips
+    where this CPU cannot run ``kernel``."""
+    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
+        pytest.skip(f"{kernel} cannot run here")
+    params = tuple(p.detach() for p in make_params(I, H, True, dtype))
+    x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
+    go = torch.randn(T, B, H, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    return params, x, h0, go, kernel[len("native-"):], native.load()
+
+
 @pytest.mark.parametrize("B", [8, 20])  # the loop splits the units, or (20) the batch rows
-@pytest.mark.parametrize("I", [5, 80])  # dW_ih by the packed tile (I <= 64) or by MKL
+@pytest.mark.parametrize("I", [5, 80])  # dW_ih by the narrow tile (I <= 64) or by MKL
 @pytest.mark.parametrize("chunk", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("reset_after", [True, False])
@@ -244,14 +255,9 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, B, tw
     chunk) and sums the weight gradients chunk by chunk: every gradient, dX and dh_0 included,
     equals the reference's; dh_0 (the same steps, in pieces) and the packed tile's dX are the
     same bits as in one chunk."""
-    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
-        pytest.skip(f"{kernel} cannot run here")
     T, H = 7, 64
-    w_ih, w_hh, b_ih, b_hh = (p.detach() for p in make_params(I, H, True, dtype))
-    x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
-    go = torch.randn(T, B, H, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    (w_ih, w_hh, b_ih, b_hh), x, h0, go, isa, m = _native_case(kernel, T, B, I, H, dtype)
     gh = torch.randn(B, H, dtype=dtype, generator=torch.Generator().manual_seed(6))
-    isa, m = kernel[len("native-"):], native.load()
     out, _, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, isa, 2)
     got = m.backward(go, gh, x, h0, w_ih, w_hh, out, saved, reset_after, True, True, True, True,
                      isa, 2, chunk)
@@ -266,17 +272,6 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, B, tw
     torch.testing.assert_close(got[1], whole[1], rtol=0, atol=0)  # dh_0: the same loop, in pieces
     if dtype == torch.float32 and kernel != "native-generic":  # dX by the packed tile: a row is a row
         torch.testing.assert_close(got[0], whole[0], rtol=0, atol=0)
-
-
-def _native_case(kernel, T, B, I, H, dtype=torch.float32):
-    """(w_ih, w_hh, b_ih, b_hh), x, h0, a seeded dL/dout, the ISA and the native module; skips
-    where this CPU cannot run ``kernel``."""
-    if native.load() is None or native.load().cpu_supports(kernel[len("native-"):]) is False:
-        pytest.skip(f"{kernel} cannot run here")
-    params = tuple(p.detach() for p in make_params(I, H, True, dtype))
-    x, h0 = (t.detach() for t in inputs(T, B, I, H, dtype))
-    go = torch.randn(T, B, H, dtype=dtype, generator=torch.Generator().manual_seed(5))
-    return params, x, h0, go, kernel[len("native-"):], native.load()
 
 
 @pytest.mark.parametrize("I", [1, 4, 9, 17, 24, 28, 41, 64])

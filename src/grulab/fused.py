@@ -562,7 +562,7 @@ def gru_layer(
     # Eager: the kernel and its tier looked up once per kind of call where the backend is
     # named (grulab.GRU names the one autotune chose), since the lookup's Python, run with
     # cold caches after other work, cost ~0.1 ms a call; GRULAB_KERNEL is read per call otherwise.
-    key = (backend, x.dtype, reset_after) if x.is_cpu else (backend, x.device.type, x.dtype, reset_after)
+    key = _call_kind(backend, x, reset_after)
     found = _eager_layers.get(key) if backend is not None else None
     if found is None:
         kernel = _kernel_for(backend, x, reset_after)
@@ -584,6 +584,12 @@ def gru_layer(
 
 def _contiguous(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def _call_kind(backend: Optional[str], x: Tensor, reset_after: bool) -> tuple:
+    """The key of the eager lookups: (backend, device, dtype, reset_after), the device left
+    out for the CPU (x.is_cpu is a fifth of the cost of x.device.type)."""
+    return (backend, x.dtype, reset_after) if x.is_cpu else (backend, x.device.type, x.dtype, reset_after)
 
 
 _eager_layers: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (kernel, tier, extra args)
@@ -616,8 +622,7 @@ def gru_step(
     # round trip for a custom op about as much again, so the tier's function is
     # called directly, looked up once per kind of call (GRULAB_KERNEL, which costs
     # a µs to read, is read at the first step of each kind).
-    # (x.is_cpu is a fifth of the cost of x.device.type, and CPU is the common case.)
-    key = (backend, x.dtype, reset_after) if x.is_cpu else (backend, x.device.type, x.dtype, reset_after)
+    key = _call_kind(backend, x, reset_after)
     step = _eager_steps.get(key)
     if step is None:
         tier, extra = _tier(_kernel_for(backend, x, reset_after))

@@ -14,10 +14,10 @@ whole call: the time loops and the weight GEMMs that MKL runs inside it; a
 training step's forward and backward share one count and are timed together
 (the backward times itself in C++, and its time is recorded at the next step of
 that shape). Every native call is timed; the candidate in use is kept while the
-median of its last three times is no worse than the other's; the other one is re-timed now and then
-(8 calls after a switch, then backing off, doubling up to every 128 calls
-while it keeps losing), so the choice follows the machine both ways at a cost
-well under 1% on a quiet one.
+median of its last three times is no worse than the other's; the other one is
+re-timed now and then (8 calls after a switch, then backing off, doubling up to
+every 128 calls while it keeps losing), so the choice follows the machine both
+ways at a cost well under 1% on a quiet one.
 
 Outputs do not depend on the count (each hidden unit of each row is computed
 with the same arithmetic, whichever thread it is), but some gradient sums may
@@ -62,10 +62,16 @@ _states: dict[tuple, _State] = {}
 _lock = threading.Lock()
 
 
+def _torch_count() -> int:
+    """torch's intra-op count, or 0 where there is nothing to choose (1 thread, deterministic mode)."""
+    n = torch.get_num_threads()
+    return 0 if n < 2 or torch.are_deterministic_algorithms_enabled() else n
+
+
 def choose(key: tuple) -> int:
     """The thread count for the next native call of this shape (0: torch's own, nothing to choose)."""
-    n = torch.get_num_threads()
-    if n < 2 or torch.are_deterministic_algorithms_enabled():
+    n = _torch_count()
+    if n == 0:
         return 0
     with _lock:
         return _choose(key, n)
@@ -125,8 +131,8 @@ def later(key: tuple, call):
     one count for both). The step's time is recorded at the next call of this shape, if its
     backward has run by then; a step without a backward does not count. Returns ``results``.
     (Written for few Python steps: it runs once per training step, often with cold caches.)"""
-    n = torch.get_num_threads()
-    if n < 2 or torch.are_deterministic_algorithms_enabled():
+    n = _torch_count()
+    if n == 0:
         return call(0)[:-1]
     with _lock:
         state = _states.get(key)

@@ -43,7 +43,7 @@ static int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes)
   return std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
 }
 
-constexpr int64_t kPackedDwIhMaxI = 64;  // dW_ih by the packed tile up to this many inputs (below)
+constexpr int64_t kNarrowDwIhMaxI = 64;  // dW_ih by our narrow tile up to this many inputs (below)
 
 // Returns [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] (undefined -> None where not needed).
 // chunk: steps per chunk of the time loop (0: chunk_steps' choice; tests pass small ones).
@@ -93,9 +93,9 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   // dW_ih by our own tile too where I is small (gemm_at_narrow, loops.inc): MKL ran
   // (3H, T*B) @ (T*B, 28) at ≈80 GFLOP/s; the tile reads dG_x in place, row by row, and
   // like every native GEMM here does not depend on the thread count.
-  const bool dw_ih_packed = is_float && ops.packed && I <= kPackedDwIhMaxI;
+  const bool dw_ih_narrow = is_float && ops.packed && I <= kNarrowDwIhMaxI;
   const int gemm_nt = threads > 0 ? static_cast<int>(threads) : at::get_num_threads();
-  Tensor dw_ih = dw_ih_packed ? at::zeros({3 * H, I}, opts) : at::empty({3 * H, I}, opts);
+  Tensor dw_ih = dw_ih_narrow ? at::zeros({3 * H, I}, opts) : at::empty({3 * H, I}, opts);
   Tensor dw_hh = at::empty({3 * H, H}, opts);
 
   for (int64_t t1 = Tn; t1 > 0;) {  // the chunk of steps [t0, t1), last chunk first
@@ -134,7 +134,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
       }
     }
     const Tensor x_c = x.narrow(0, t0, n).reshape({n * B, I});  // (n*B, I)
-    if (dw_ih_packed) {  // (3H, I) += dG_x^T (3H, n*B) @ (n*B, I), dG_x read in place as A^T
+    if (dw_ih_narrow) {  // (3H, I) += dG_x^T (3H, n*B) @ (n*B, I), dG_x read in place as A^T
       ops.gemm_packed_parallel(3 * H, I, n * B, dgx2.data_ptr<float>(), 3 * H, true,
                                x_c.data_ptr<float>(), I, dw_ih.data_ptr<float>(), I, gemm_nt);
     } else {

@@ -151,7 +151,8 @@ struct IsaOps {
                           double* dgx, double* dgh, double* db, double* db_part, double* w_cols,
                           bool w_cols_ready, bool by_rows, int nt);
   // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
-  // transposed, (K, M) with row length lda. Null where !packed.
+  // transposed, (K, M) with row length lda (then a narrow tile that packs nothing,
+  // for small N). Null where !packed.
   void (*gemm_packed_parallel)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                                bool a_t, const float* W, int64_t ldw, float* C, int64_t ldc, int nt);
 };
