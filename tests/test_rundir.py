@@ -148,7 +148,10 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(signum, twice):
         if twice:  # a second signal quits at once, without waiting for the save
             proc.send_signal(signum)
         start = time.monotonic()
-        out, _ = proc.communicate(timeout=30)
+        # wait, then read through the same text wrapper as readline() above: communicate(timeout=...) reads the raw
+        # pipe and would drop a "saved" line the wrapper had already buffered together with "saving"
+        proc.wait(timeout=30)
+        out = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
