@@ -67,8 +67,10 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   Tensor dh = grad_hT_ ? grad_hT_->clone(at::MemoryFormat::Contiguous)
                        : at::zeros({B, H}, opts);   // (B, H) dL/dh_T, then dL/dh at each chunk's start
   const int64_t Tc = chunk > 0 ? std::min(chunk, Tn) : chunk_steps(Tn, B, H, x.element_size());
-  Tensor dgx = scratch(kDgx, {Tc, B, 3 * H}, opts);  // (Tc, B, 3H) dL/d(x-side pre-activations)
-  Tensor dgh = reset_after ? scratch(kDgh, {Tc, B, 3 * H}, opts) : dgx;  // (Tc, B, 3H) hidden side
+  // (Tc, B, 4H) [da_r | da_z | da_n ⊙ r | da_n], reset_after (dG_h its first 3H columns,
+  // dG_x its first 2H and last H: loops.inc); else (Tc, B, 3H) [da_r | da_z | da_n] = dG_h = dG_x.
+  const int64_t gs = reset_after ? 4 * H : 3 * H;
+  Tensor dg = scratch(kDg, {Tc, B, gs}, opts);
 
   const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous(), w_ihc = w_ih.contiguous();
   const int nt = loop_threads(B, H, threads);
@@ -107,7 +109,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
       ops.backward_loop_f(grad_out.data_ptr<float>() + t0 * go_step, go_step, dh.data_ptr<float>(),
                           hprev.data_ptr<float>(), w_hhc.data_ptr<float>(),
                           out.data_ptr<float>() + t0 * B * H, saved.data_ptr<float>() + t0 * B * 4 * H,
-                          n, B, H, reset_after, need_dh, dgx.data_ptr<float>(), dgh.data_ptr<float>(),
+                          n, B, H, reset_after, need_dh, dg.data_ptr<float>(),
                           db.defined() ? db.data_ptr<float>() : nullptr,
                           db_part.defined() ? db_part.data_ptr<float>() : nullptr,
                           packed ? w_cols.data_ptr<float>() : nullptr, t1 < Tn, by_rows, nt);
@@ -115,39 +117,52 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
       ops.backward_loop_d(grad_out.data_ptr<double>() + t0 * go_step, go_step, dh.data_ptr<double>(),
                           hprev.data_ptr<double>(), w_hhc.data_ptr<double>(),
                           out.data_ptr<double>() + t0 * B * H, saved.data_ptr<double>() + t0 * B * 4 * H,
-                          n, B, H, reset_after, need_dh, dgx.data_ptr<double>(), dgh.data_ptr<double>(),
+                          n, B, H, reset_after, need_dh, dg.data_ptr<double>(),
                           db.defined() ? db.data_ptr<double>() : nullptr,
                           db_part.defined() ? db_part.data_ptr<double>() : nullptr, nullptr, t1 < Tn,
                           false, nt);
     }
 
-    // This chunk's share of the gradients batched over time: one GEMM each.
-    const Tensor dgx_c = dgx.narrow(0, 0, n), dgh_c = dgh.narrow(0, 0, n);  // (n, B, 3H)
-    const Tensor dgx2 = dgx_c.reshape({n * B, 3 * H});                     // (n*B, 3H)
+    // This chunk's share of the gradients batched over time: one GEMM each. dG_x is
+    // (n*B, 3H) = dg's columns [0, 2H) and [3H, 4H) where reset_after (`gap` = H floats
+    // between its z and n gates), else all of dg.
+    const Tensor dg2 = dg.narrow(0, 0, n).view({n * B, gs});  // (n*B, 4H) or (n*B, 3H)
+    const int64_t gap = reset_after ? H : 0, split = reset_after ? 2 * H : 3 * H;
+    auto dg_x = [&](int64_t g0, int64_t units) {  // (n*B, units): dG_x's gates from unit g0
+      return dg2.narrow(1, g0 + (g0 >= 2 * H ? gap : 0), units);
+    };
+    const Tensor x_c = x.narrow(0, t0, n).reshape({n * B, I});  // (n*B, I)
     if (need_x) {
-      Tensor dx_c = dx.narrow(0, t0, n).view({n * B, I});  // (n*B, I)
+      Tensor dx_c = dx.narrow(0, t0, n).view({n * B, I});  // (n*B, I) = dG_x (n*B, 3H) @ W_ih (3H, I)
       if (dx_packed) {
-        ops.gemm_packed_parallel(n * B, I, 3 * H, dgx2.data_ptr<float>(), 3 * H, false,
+        ops.gemm_packed_parallel(n * B, I, 3 * H, dg2.data_ptr<float>(), gs, false, split, gap,
                                  w_ihc.data_ptr<float>(), I, dx_c.data_ptr<float>(), I, gemm_nt);
-      } else {
-        gemm(dgx2, w_ihc, dx_c, 0.0);  // (n*B, I) = (n*B, 3H) @ (3H, I)
+      } else if (gap == 0) {
+        gemm(dg2, w_ihc, dx_c, 0.0);
+      } else {  // gates r, z, then n
+        gemm(dg_x(0, 2 * H), w_ihc.narrow(0, 0, 2 * H), dx_c, 0.0);
+        gemm(dg_x(2 * H, H), w_ihc.narrow(0, 2 * H, H), dx_c, 1.0);
       }
     }
-    const Tensor x_c = x.narrow(0, t0, n).reshape({n * B, I});  // (n*B, I)
     if (dw_ih_narrow) {  // (3H, I) += dG_x^T (3H, n*B) @ (n*B, I), dG_x read in place as A^T
-      ops.gemm_packed_parallel(3 * H, I, n * B, dgx2.data_ptr<float>(), 3 * H, true,
+      ops.gemm_packed_parallel(3 * H, I, n * B, dg2.data_ptr<float>(), gs, true, split, gap,
                                x_c.data_ptr<float>(), I, dw_ih.data_ptr<float>(), I, gemm_nt);
-    } else {
-      gemm(dgx2.t(), x_c, dw_ih, beta);  // (3H, I) += (3H, n*B) @ (n*B, I)
+    } else if (gap == 0) {
+      gemm(dg2.t(), x_c, dw_ih, beta);  // (3H, I) += (3H, n*B) @ (n*B, I)
+    } else {  // gates r, z, then n
+      Tensor dw_rz = dw_ih.narrow(0, 0, 2 * H), dw_n = dw_ih.narrow(0, 2 * H, H);
+      gemm(dg_x(0, 2 * H).t(), x_c, dw_rz, beta);  // (2H, I) += (2H, n*B) @ (n*B, I)
+      gemm(dg_x(2 * H, H).t(), x_c, dw_n, beta);   // (H, I)
     }
+    const Tensor dg_c = dg.narrow(0, 0, n);            // (n, B, gs)
     const Tensor out_prev = out.narrow(0, t0, n - 1);  // (n-1, B, H) = h_{t0} .. h_{t1-2}
     if (reset_after) {
-      hidden_weight_grad(dgh_c, hprev, out_prev, dw_hh, beta);  // (3H, H)
+      hidden_weight_grad(dg_c.narrow(2, 0, 3 * H), hprev, out_prev, dw_hh, beta);  // (3H, H)
     } else {
       Tensor dw_rz = dw_hh.narrow(0, 0, 2 * H), dw_n = dw_hh.narrow(0, 2 * H, H);
-      hidden_weight_grad(dgx_c.narrow(2, 0, 2 * H), hprev, out_prev, dw_rz, beta);  // (2H, H)
+      hidden_weight_grad(dg_c.narrow(2, 0, 2 * H), hprev, out_prev, dw_rz, beta);  // (2H, H)
       Tensor rh = saved.narrow(0, t0, n).narrow(2, 3 * H, H).reshape({n * B, H});  // (n*B, H) r ⊙ h_{t-1}
-      Tensor da_n = dgx_c.narrow(2, 2 * H, H).reshape({n * B, H});                  // (n*B, H)
+      Tensor da_n = dg_c.narrow(2, 2 * H, H).reshape({n * B, H});                   // (n*B, H)
       gemm(da_n.t(), rh, dw_n, beta);                                               // (H, H)
     }
     t1 = t0;

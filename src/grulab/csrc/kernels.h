@@ -142,19 +142,21 @@ struct IsaOps {
                  bool reset_after, double* h_new, int nt);
   void (*backward_loop_f)(const float* grad_out, int64_t go_step, float* dh, const float* h0,
                           const float* w_hh, const float* out, const float* saved, int64_t Tn,
-                          int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dgx,
-                          float* dgh, float* db, float* db_part, float* w_cols, bool w_cols_ready,
+                          int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dg,
+                          float* db, float* db_part, float* w_cols, bool w_cols_ready,
                           bool by_rows, int nt);
   void (*backward_loop_d)(const double* grad_out, int64_t go_step, double* dh, const double* h0,
                           const double* w_hh, const double* out, const double* saved,
                           int64_t Tn, int64_t B, int64_t H, bool reset_after, bool need_dh0,
-                          double* dgx, double* dgh, double* db, double* db_part, double* w_cols,
+                          double* dg, double* db, double* db_part, double* w_cols,
                           bool w_cols_ready, bool by_rows, int nt);
   // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
   // transposed, (K, M) with row length lda (then a narrow tile that packs nothing,
-  // for small N). Null where !packed.
+  // for small N). A's columns from `split` on (M's if a_t, else K's) are read `gap`
+  // floats further along its rows (split = M or K: none). Null where !packed.
   void (*gemm_packed_parallel)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                               bool a_t, const float* W, int64_t ldw, float* C, int64_t ldc, int nt);
+                               bool a_t, int64_t split, int64_t gap, const float* W, int64_t ldw,
+                               float* C, int64_t ldc, int nt);
 };
 
 namespace generic { extern const IsaOps ops; }

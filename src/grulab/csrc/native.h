@@ -18,7 +18,7 @@ namespace grulab {
 using at::Tensor;
 
 // Scratch buffers kept from call to call (scratch.cpp).
-enum ScratchSlot { kGx = 0, kDgx = 1, kDgh = 2, kPackHH = 3, kPackIH = 4, kPackCols = 5, kDbPart = 6, kNumSlots = 7 };
+enum ScratchSlot { kGx = 0, kDg = 1, kPackHH = 2, kPackIH = 3, kPackCols = 4, kDbPart = 5, kNumSlots = 6 };
 Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts);
 void release_scratch();
 
