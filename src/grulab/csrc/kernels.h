@@ -142,13 +142,13 @@ struct IsaOps {
                  bool reset_after, double* h_new, int nt);
   void (*backward_loop_f)(const float* grad_out, int64_t go_step, float* dh, const float* h0,
                           const float* w_hh, const float* out, const float* saved, int64_t Tn,
-                          int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dg,
+                          int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dg, int64_t ldg,
                           float* db, float* db_part, float* w_cols, bool w_cols_ready,
                           bool by_rows, int nt);
   void (*backward_loop_d)(const double* grad_out, int64_t go_step, double* dh, const double* h0,
                           const double* w_hh, const double* out, const double* saved,
                           int64_t Tn, int64_t B, int64_t H, bool reset_after, bool need_dh0,
-                          double* dg, double* db, double* db_part, double* w_cols,
+                          double* dg, int64_t ldg, double* db, double* db_part, double* w_cols,
                           bool w_cols_ready, bool by_rows, int nt);
   // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
   // transposed, (K, M) with row length lda (then a narrow tile that packs nothing,
