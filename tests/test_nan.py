@@ -89,6 +89,38 @@ def test_forward_and_backward_match_torch(tier, dtype, B, where, index, value):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", ["grad of step 0", "weight_hh_l0"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_zero_h0_keeps_a_non_finite_first_step(tier, dtype, where, value):
+    """With h0 = 0 the first step's hidden-side terms are zero, and the native kernels skip
+    them; a NaN or Inf that meets that zero (in W_hh, or in the gradient reaching step 0,
+    which dW_hh multiplies by h0) must still give torch.nn.GRU's pattern: 0 · Inf = NaN.
+    B = 17 and H = 64: the packed kernels with the batch split by rows."""
+    T, B, I, H = 3, 17, 5, 64
+    ref = torch_gru(I, H, dtype)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(T, B, I, dtype=dtype, generator=g)
+    h0 = torch.zeros(1, B, H, dtype=dtype)
+    go = torch.randn(T, B, H, dtype=dtype, generator=g)
+    with torch.no_grad():
+        if where == "weight_hh_l0":
+            ref.weight_hh_l0[70, 9] = value  # gate z, unit 6
+        else:
+            go[0, 2, 5] = value
+    params = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+    want_out, _ = ref(x, h0)
+    want = torch.autograd.grad((want_out * go).sum(), [*ref.parameters()])
+    out, _ = fused.gru_layer(x, h0[0], *params, reset_after=True, backend=tier)
+    assert_same(out, want_out, "output")
+    got = torch.autograd.grad((out * go).sum(), params)
+    if where == "weight_hh_l0":
+        for name, w, gw in zip(["w_ih", "w_hh", "b_ih", "b_hh"], want, got):
+            assert_same(gw, w, f"d{name}")
+    else:  # dW_hh, the gradient with the h0 term; an Inf's other Inf - Inf NaNs follow torch's order of ops
+        assert_same(got[1], want[1], "dw_hh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("where,index,value", CASES)
 def test_step_and_both_variants_match_the_reference_loop(tier, dtype, reset_after, where, index, value):

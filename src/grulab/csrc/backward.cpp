@@ -4,9 +4,34 @@
 
 namespace grulab {
 
+// Whether the first step's term dA_0^T p0 of a hidden weight gradient is zero however it is
+// summed: p0 (contiguous) all ±0 and dA_0 (rows of `cols` with row length ld) all finite
+// (0 · Inf and 0 · NaN are NaN, as torch.nn.GRU's sum gives them). The common case: a
+// sequence started from h0 = 0, where the term's GEMM (K = B) is ~1/T of dW_hh's work.
+template <typename T>
+static bool first_term_zero(const T* p0, int64_t n, const T* dA, int64_t rows, int64_t cols, int64_t ld) {
+  for (int64_t i = 0; i < n; ++i)
+    if (p0[i] != T(0)) return false;  // a NaN too
+  T acc = 0;  // x · 0 is 0 for a finite x, NaN otherwise
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* a = dA + r * ld;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t c = 0; c < cols; ++c) acc += a[c] * T(0);
+  }
+  return acc == T(0);
+}
+
+static bool first_term_zero(const Tensor& p0, const Tensor& dA0) {  // p0 (B, H), dA0 (B, N) rows of dg
+  const int64_t rows = dA0.size(0), cols = dA0.size(1), ld = dA0.stride(0);
+  if (p0.scalar_type() == at::kFloat)
+    return first_term_zero(p0.data_ptr<float>(), p0.numel(), dA0.data_ptr<float>(), rows, cols, ld);
+  return first_term_zero(p0.data_ptr<double>(), p0.numel(), dA0.data_ptr<double>(), rows, cols, ld);
+}
+
 // Weight gradient of a hidden-side block: dW (N, H) = beta dW + Σ_t dA_t^T P_t, where
 // P_0 = p0 (B, H) and P_t = p_rest[t-1] for t >= 1: two GEMMs, no concatenation, or one
-// where p0 is the step just before p_rest in memory (every chunk but the first: out[t0-1]).
+// where p0 is the step just before p_rest in memory (every chunk but the first: out[t0-1])
+// or where P_0's term is zero (first_term_zero).
 static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor& p_rest, Tensor& dW,
                                double beta) {
   const int64_t Tn = dA.size(0), B = dA.size(1), N = dA.size(2);
@@ -17,11 +42,14 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
     gemm(dA.reshape({Tn * B, N}).t(), p, dW, beta);  // (N, H) = (N, Tn*B) @ (Tn*B, H)
     return;
   }
-  gemm(dA[0].t(), p0, dW, beta);  // (N, H) = (N, B) @ (B, H)
+  const bool skip0 = first_term_zero(p0, dA[0]);
+  if (!skip0) gemm(dA[0].t(), p0, dW, beta);  // (N, H) = (N, B) @ (B, H)
   if (Tn > 1) {
     Tensor dA_rest = dA.narrow(0, 1, Tn - 1).reshape({(Tn - 1) * B, N});    // ((T-1)B, N)
     Tensor p = p_rest.reshape({(Tn - 1) * B, p_rest.size(2)});             // ((T-1)B, H)
-    gemm(dA_rest.t(), p, dW, 1.0);  // (N, H) += (N, (T-1)B) @ ((T-1)B, H)
+    gemm(dA_rest.t(), p, dW, skip0 ? beta : 1.0);  // (N, H) += (N, (T-1)B) @ ((T-1)B, H)
+  } else if (skip0 && beta == 0.0) {
+    dW.zero_();
   }
 }
 
