@@ -10,8 +10,7 @@ namespace grulab {
 // sequence started from h0 = 0, where the term's GEMM (K = B) is ~1/T of dW_hh's work.
 template <typename T>
 static bool first_term_zero(const T* p0, int64_t n, const T* dA, int64_t rows, int64_t cols, int64_t ld) {
-  for (int64_t i = 0; i < n; ++i)
-    if (p0[i] != T(0)) return false;  // a NaN too
+  if (!all_zero(p0, n)) return false;
   T acc = 0;  // x · 0 is 0 for a finite x, NaN otherwise
   for (int64_t r = 0; r < rows; ++r) {
     const T* a = dA + r * ld;

@@ -66,7 +66,8 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
       bias.narrow(0, 3 * H, H).add_(b_hh.narrow(0, 2 * H, H));
     }
     const int nt = loop_threads(B, H, threads);
-    ops.forward_packed(x.data_ptr<float>(), h0.data_ptr<float>(), w_ih.data_ptr<float>(),
+    ops.forward_packed(x.data_ptr<float>(), h0.data_ptr<float>(),
+                       all_zero(h0.data_ptr<float>(), h0.numel()), w_ih.data_ptr<float>(),
                        w_hh.data_ptr<float>(), bias.data_ptr<float>(), Tn, B, I, H, save,
                        out.data_ptr<float>(), saved.data_ptr<float>(), pack_hh.data_ptr<float>(),
                        pack_ih.data_ptr<float>(), split_rows(ops, B, 3 * H * (H + I), nt), nt);

@@ -124,7 +124,7 @@ struct IsaOps {
   bool packed;
   int64_t panel, cols;
   int64_t rows;  // batch rows of the packed kernels' widest register tile (4, or 8 on AVX-512)
-  void (*forward_packed)(const float* x, const float* h0, const float* w_ih, const float* w_hh,
+  void (*forward_packed)(const float* x, const float* h0, bool h0_zero, const float* w_ih, const float* w_hh,
                          const float* bias4, int64_t Tn, int64_t B, int64_t I, int64_t H,
                          bool save, float* out, float* saved, float* pack_hh, float* pack_ih,
                          bool by_rows, int nt);

@@ -76,6 +76,15 @@ struct BlasThreads {
   BlasThreads& operator=(const BlasThreads&) = delete;
 };
 
+// Whether every element of p[0, n) is ±0 (a NaN is not): h0 = 0 lets the forward skip step
+// 0's hidden-side products and the backward dW_hh's first term, where no Inf or NaN meets it.
+template <typename T>
+inline bool all_zero(const T* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i] != T(0)) return false;
+  return true;
+}
+
 // C = beta * C + A @ B on 2-D (possibly strided / transposed) views, MKL's threads (BlasThreads).
 inline void gemm(const Tensor& A, const Tensor& B, Tensor& C, double beta) {
   if (C.numel() == 0) return;
