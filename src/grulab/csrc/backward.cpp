@@ -54,20 +54,24 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
 
 // Steps per chunk. The time loop runs over chunks of steps, from the last chunk
 // to the first, and the weight gradients are summed chunk by chunk, so the
-// (steps, B, 3H) gradient buffers hold one chunk, not the whole sequence: at
-// (B, T, H) = (128, 200, 1024) two whole-sequence buffers were 630 MB of fresh
+// gradient buffer holds one chunk, not the whole sequence: at (B, T, H) =
+// (128, 200, 1024) two whole-sequence (T, B, 3H) buffers were 630 MB of fresh
 // memory every call (300,000 page faults), and the GEMMs read them back from
-// DRAM. Where the two buffers of at least 4 steps fit in one core's L2, a chunk
-// is as many steps as fit: the weight GEMMs then read what the loop just wrote
-// from L2 (on Sapphire Rapids, 2 MiB of L2: backward 0.85-0.90x of one whole-
-// sequence chunk at B = 16..64, H = 256..512, and less sensitive to what ran
-// before it). Else a chunk's buffer is about 32 MiB (8 Mi elements), with at
-// least 2048 rows (steps · B) so that the weight GEMMs stay efficient.
+// DRAM. Where 6H floats per row (what the two buffers took before the (B, 4H)
+// layout: loops.inc) of at least 4 steps fit in one core's L2, a chunk is as many
+// steps as fit: the weight GEMMs then read what the loop just wrote from L2 (on
+// Sapphire Rapids, 2 MiB of L2: backward 0.85-0.90x of one whole-sequence chunk
+// at B = 16..64, H = 256..512, and less sensitive to what ran before it; at
+// (32, 35, 28, 256) chunks of 12 or 18 steps were 1.01-1.03x of these 10). Else a chunk
+// is about 8 Mi elements of (B, 3H) rows, with at least 2048 rows (steps · B) so
+// that the weight GEMMs stay efficient. The chunks are then made equal (T = 35
+// in chunks of at most 10: 9, 9, 9, 8 rather than 10, 10, 10, 5).
 static int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes) {
   const int64_t in_l2 = l2_bytes() / (2 * B * 3 * H * elem_bytes);  // 0 where L2 is unknown
-  if (in_l2 >= 4) return std::min(in_l2, Tn);
   const int64_t by_size = (int64_t(8) << 20) / (B * 3 * H), by_rows = (2048 + B - 1) / B;
-  return std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
+  const int64_t most = in_l2 >= 4 ? std::min(in_l2, Tn) : std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
+  const int64_t chunks = (Tn + most - 1) / most;
+  return (Tn + chunks - 1) / chunks;
 }
 
 constexpr int64_t kNarrowDwIhMaxI = 64;  // dW_ih by our narrow tile up to this many inputs (below)
