@@ -274,13 +274,15 @@ def test_backward_in_chunks_of_steps(kernel, reset_after, dtype, chunk, I, B, tw
         torch.testing.assert_close(got[0], whole[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("H", [24, 33])
 @pytest.mark.parametrize("I", [1, 4, 9, 17, 24, 28, 41, 64])
 @pytest.mark.parametrize("kernel", [k for k in NATIVE if k != "native-generic"])
-def test_dw_ih_by_the_narrow_tile_for_every_column_group(kernel, I, two_threads):
+def test_dw_ih_by_the_narrow_tile_for_every_column_group(kernel, I, H, two_threads):
     """dW_ih = dG_x^T X by gemm_at_narrow (loops.inc) for I <= 64: full groups of columns and a
-    left-over group in each tile size, 3H = 99 rows of which 99 mod 16 (or 8) by the scalar tail;
+    left-over group in each tile size; the rows of C (gates r, z, then n: 2H and H) in stripes of
+    two vectors, of one (H = 24: 48 = 32 + 16 and 24 = 16 + 8 on AVX-512) and single rows;
     against the reference, and the same bits on 1 and 2 threads."""
-    (w_ih, w_hh, b_ih, b_hh), x, h0, go, isa, m = _native_case(kernel, 5, 6, I, 33)
+    (w_ih, w_hh, b_ih, b_hh), x, h0, go, isa, m = _native_case(kernel, 5, 6, I, H)
     grads = []
     for n in (1, 2):
         out, _, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, True, True, isa, n)
