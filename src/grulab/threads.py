@@ -106,7 +106,9 @@ def _record(key: tuple, threads: int, seconds: float) -> None:  # under _lock
             state.interval = min(2 * state.interval, MAX_INTERVAL)
         state.countdown = state.interval
         return
-    times = state.recent.setdefault(current, deque(maxlen=WINDOW))
+    times = state.recent.get(current)
+    if times is None:
+        times = state.recent[current] = deque(maxlen=WINDOW)
     times.append(seconds)
     if len(times) == WINDOW and state.median(current) > state.median(other):
         # the count in use got slower than the other's last times: the machine got busy
@@ -136,22 +138,18 @@ def later(key: tuple, call):
         return call(0)[:-1]
     with _lock:
         state = _states.get(key)
-        previous = None
-        if state is not None:
-            previous, state.pending = state.pending, None
-    if previous is not None:
-        forward_s, backward_s = previous[1].tolist()
-    with _lock:
-        if previous is not None and backward_s > 0:
-            _record(key, previous[0], forward_s + backward_s)
-        elif previous is not None:  # no backward (a forward with grad enabled, then dropped): not counted
-            state.countdown += 1
+        previous = state.pending if state is not None else None
+        if previous is not None:
+            state.pending = None
+            forward_s, backward_s = previous[1].tolist()
+            if backward_s > 0:
+                _record(key, previous[0], forward_s + backward_s)
+            else:  # no backward (a forward with grad enabled, then dropped): not counted
+                state.countdown += 1
         threads = _choose(key, n)
+        state = _states[key]
     *results, timing = call(threads)
-    with _lock:
-        state = _states.get(key)
-        if state is not None:
-            state.pending = (threads, timing)
+    state.pending = (threads, timing)  # one attribute store, atomic under the GIL
     return results
 
 
