@@ -94,11 +94,18 @@ def wait_for(predicate, timeout: float = 90, what: str = "") -> None:
 
 
 def children(pid: int) -> list[int]:
-    """The pids of the children of process pid (none once it has gone)."""
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The pids of the children of process pid (none once it has gone), from every process's parent
+    in /proc/*/stat: /proc/pid/task/pid/children lists only what the main thread forked, and the
+    kernel calls it unreliable while the task runs (a worker it missed kept a killed node alive in CI)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:  # the process has gone
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def worker(agent: int, rank: int) -> int:
