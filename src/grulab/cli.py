@@ -415,6 +415,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.func(args)
     except GrulabError as e:
         print(f"{_me()}: error: {e}", file=sys.stderr)
+        if getattr(e, "exit_now", False) and "LOCAL_RANK" in os.environ:
+            # A torchrun worker whose peer died (distributed.LostPeer): everything is unwound
+            # (checkpoint, files, the process group torn down) and the line is out, but the
+            # interpreter's own exit could still wait on the broken group (gloo work left behind)
+            # until --timeout: seen as a worker alive 60 s after its line, which kept the node's
+            # torchrun, and so the run, from ending.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.signals.Stopped
         code = getattr(e, "exit_code", 130)

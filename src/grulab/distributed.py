@@ -45,6 +45,8 @@ MARKER = ".elastic-run"  # in the run directory: which torchrun job started the 
 class LostPeer(GrulabError):
     """Another process of the run stopped answering (it died, or the network failed)."""
 
+    exit_now = True  # a torchrun worker ends right after the error line (cli.main)
+
 
 @dataclass(frozen=True)
 class Dist:
