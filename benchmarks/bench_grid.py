@@ -15,6 +15,9 @@ the best sgemm rate this process reaches, divided by grulab's time.
 The contention line: fwd+bwd at the seed shape (32, 35, 28, 256), first on the quiet machine, then
 in six trials each with one competing busy process (a Python loop spinning on one core): each
 trial's median over its repetitions, as a ratio to the quiet median; worst and median of the six.
+For grulab.GRU three ways: the step with its loss ``out.sum()`` and the layer alone (backward from
+a given gradient), as a library user gets them, and the step with ``grulab.threads.steer_torch()``
+on, as ``grulab train`` runs (torch's own ops follow the governor's thread count).
 
 Usage::
 
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_gru import fmt_time, interleaved, write_section  # noqa: E402
 
 import grulab  # noqa: E402
-from grulab import autotune, kernels  # noqa: E402
+from grulab import autotune, kernels, threads  # noqa: E402
 
 GRID = dict(B=(1, 8, 32, 128), T=(35, 200), I=(28, 256), H=(64, 256, 1024))
 QUICK = [(32, 35, 28, 256), (64, 100, 256, 1024), (1, 200, 28, 1024), (128, 35, 256, 64)]
@@ -119,8 +122,9 @@ def grid_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
-    fns, _, _ = contenders(SEED, train=True)
+def _trials(fns: dict, trials: int, reps: int) -> tuple[dict, dict]:
+    """The quiet median of each of ``fns`` (interleaved), then ``trials`` trials beside one busy
+    process: (quiet seconds, ratios to quiet per trial)."""
     for fn in fns.values():  # autotune + warm-up
         fn()
         fn()
@@ -137,14 +141,42 @@ def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
         for name in fns:
             per_trial[name].append(busy[name] / quiet[name])
         time.sleep(0.3)
+    return quiet, per_trial
+
+
+def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
+    """Two phases, each its contenders interleaved. As a library user gets it: torch.nn.GRU's step,
+    grulab.GRU's step (loss ``out.sum()``) and grulab.GRU's layer alone (its backward seeded with a
+    given gradient: no other multi-thread torch op in the step). Then as ``grulab train`` runs it:
+    with grulab.threads.steer_torch() on, grulab.GRU's step beside torch.nn.GRU's (whose count is
+    then steered too, torch's count being one setting of the process)."""
+    fns, ours, x = contenders(SEED, train=True)
+    grad = torch.ones(SEED[1], SEED[0], SEED[3])
+
+    def layer_alone():
+        for p in ours.parameters():
+            p.grad = None
+        out, _ = ours(x)
+        out.backward(grad)
+
+    fns["grulab.GRU, layer alone"] = layer_alone
+    quiet, per_trial = _trials(fns, trials, reps)
+    with threads.steering():
+        quiet_s, per_trial_s = _trials(contenders(SEED, train=True)[0], trials, reps)
+    names = {"torch.nn.GRU": "torch.nn.GRU", "grulab.GRU": "grulab.GRU (loss `out.sum()`)",
+             "grulab.GRU, layer alone": "grulab.GRU, layer alone (backward from a given gradient)"}
+    rows = [(names[n], quiet[n], per_trial[n]) for n in fns]
+    rows += [(f"with steer_torch(): {names[n]}", quiet_s[n], per_trial_s[n]) for n in per_trial_s]
     lines = [f"Contention at {SEED} fwd+bwd: {trials} trials, each the median of {reps} interleaved repetitions "
-             "with one competing busy process (a Python loop spinning on one core), as a ratio to the quiet median.",
+             "with one competing busy process (a Python loop spinning on one core), as a ratio to the quiet median. "
+             "The last two rows: a second phase with grulab.threads.steer_torch() on (as `grulab train` runs), "
+             "where torch's own count follows grulab's governor, torch.nn.GRU's step included.",
              "",
              "| | quiet | trials (× quiet) | worst | median |", "|---|---|---|---|---|"]
-    for name, ratios in per_trial.items():
-        lines.append(f"| {name} | {fmt_time(quiet[name])} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+    for name, q, ratios in rows:
+        lines.append(f"| {name} | {fmt_time(q)} | {', '.join(f'{r:.2f}' for r in ratios)} | "
                      f"{max(ratios):.2f}× | {statistics.median(ratios):.2f}× |")
-    return "\n".join(lines), per_trial
+    return "\n".join(lines), {name: ratios for name, _, ratios in rows}
 
 
 def main(argv=None) -> int:

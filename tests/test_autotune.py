@@ -171,6 +171,67 @@ def test_deterministic_mode_keeps_torchs_thread_count(two_threads):
         torch.use_deterministic_algorithms(False)
 
 
+def _drive(key, k, time_of):
+    """k calls of ``key`` through the governor, each taking ``time_of(threads)`` seconds; the counts used."""
+    used = []
+    for _ in range(k):
+        n = threads.choose(key)
+        used.append(n)
+        threads.record(key, n, time_of(n))
+    return used
+
+
+QUIET = lambda n: 0.010 if n == 2 else 0.017  # noqa: E731  2 threads faster
+BUSY = lambda n: 0.060 if n == 2 else 0.018  # noqa: E731  a competitor holds a core: 2 threads stall
+
+
+def test_torchs_own_count_is_left_alone_unless_steering_is_on(two_threads):
+    key = ("test-steer-off",)
+    _drive(key, 8, QUIET)
+    _drive(key, 12, BUSY)
+    assert threads.snapshot()[key] == 1 and torch.get_num_threads() == 2
+
+
+def test_steering_lowers_torchs_count_while_busy_and_gives_it_back_when_quiet(two_threads):
+    key = ("test-steer",)
+    with threads.steering():
+        _drive(key, 8, QUIET)
+        assert torch.get_num_threads() == 2
+        used = _drive(key, 12, BUSY)
+        assert threads.snapshot()[key] == 1 and torch.get_num_threads() == 1
+        assert 2 in used[3:]  # the governor still probes the user's count while torch's is lowered
+        _drive(key, 16, QUIET)
+        assert threads.snapshot()[key] == 2 and torch.get_num_threads() == 2
+        _drive(key, 12, BUSY)
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2  # the block's end gives it back
+
+
+def test_steering_leaves_a_count_the_user_set_while_lowered(two_threads):
+    key = ("test-steer-user",)
+    with threads.steering():
+        _drive(key, 8, QUIET)
+        _drive(key, 12, BUSY)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(3)  # the user's choice, made while lowered
+        _drive(key, 3, QUIET)
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == 3
+
+
+def test_deterministic_mode_gives_torchs_count_back(two_threads):
+    key = ("test-steer-det",)
+    with threads.steering():
+        _drive(key, 8, QUIET)
+        _drive(key, 12, BUSY)
+        assert torch.get_num_threads() == 1
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert threads.choose(key) == 0 and torch.get_num_threads() == 2
+        finally:
+            torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.skipif(not fused.native_available(), reason="native extension unavailable")
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("B,H", [(32, 256), (1, 512), (8, 96)])

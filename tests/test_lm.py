@@ -587,6 +587,23 @@ def test_ctrl_c_during_evaluation_still_saves(corpus, tmp_path, monkeypatch):
     assert (progress["epoch"], progress["batch"], progress["step"]) == (1, 0, 9)
 
 
+@pytest.mark.parametrize("given", [0, 2])
+def test_training_lets_torchs_count_follow_the_thread_governor_unless_threads_is_given(corpus, tmp_path, given):
+    """grulab train owns its process: torch's ops around the GRU follow the governor's count
+    (grulab.threads.steer_torch) while it trains, unless --threads fixed the count; afterwards
+    steering is off again."""
+    from grulab import threads
+
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        train(tiny_train(corpus, tmp_path / "run", epochs=1, threads=given),
+              on_epoch=lambda row: seen.append(threads._steer))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [not given] and threads._steer is False
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     """After epoch 1 the model starts producing NaN: training stops with a clear error in epoch 2,
     and the epoch-1 checkpoint is intact."""

@@ -24,14 +24,18 @@ with the same arithmetic, whichever thread it is), but some gradient sums may
 differ in the last bit (float64 loops; float32 bias gradients when the rows are
 split), so with ``torch.use_deterministic_algorithms(True)`` the count stays
 fixed at torch's.
+
+The count holds inside grulab's calls only; :func:`steer_torch` (``grulab train`` turns it
+on) lets torch's own ops in the rest of a step follow it.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -60,12 +64,68 @@ class _State:
 
 _states: dict[tuple, _State] = {}
 _lock = threading.Lock()
+_steer = False  # steer_torch(): torch's own count follows the governor's
+_lowered: Optional[tuple[int, int]] = None  # (the user's count, the one grulab set) while lowered
+
+
+def steer_torch(on: bool = True) -> None:
+    """Let the governor set torch's own intra-op count too (off by default).
+
+    The governor's count holds inside grulab's calls only. The rest of a training step (the
+    loss, the optimizer, other layers) runs on torch's count, and beside a busy process each
+    of torch's multi-thread regions waits for the core that process holds. With steering on,
+    while the count in use for the last native call's shape is the lower one, torch runs on
+    it as well (``torch.set_num_threads``), and gets the user's count back when a probe finds
+    the machine quiet again (or steering is turned off, or deterministic mode is on).
+
+    It changes a setting of the whole process (and with it, where their sums are split, the
+    last bits of other ops' results), so it is the application's choice: ``grulab train``
+    turns it on unless ``--threads`` is given. A count set with ``torch.set_num_threads``
+    while lowered is the user's from then on (unless it equals the lowered one)."""
+    global _steer
+    with _lock:
+        _steer = bool(on)
+        if not on:
+            _follow(0, 0)
+
+
+@contextmanager
+def steering(on: bool = True) -> Iterator[None]:
+    """``steer_torch(on)`` for a block, then back as it was."""
+    with _lock:
+        before = _steer
+    steer_torch(on)
+    try:
+        yield
+    finally:
+        steer_torch(before)
+
+
+def _follow(n: int, want: int) -> None:  # under _lock: torch's count := want, n the user's
+    global _lowered
+    if _lowered is not None and torch.get_num_threads() != _lowered[1]:
+        _lowered = None  # the user set a count since: theirs
+    if _lowered is not None and want == n:  # quiet again, steering off, or deterministic mode
+        torch.set_num_threads(_lowered[0])
+        _lowered = None
+    elif want != n and (_lowered is None or _lowered[1] != want):
+        torch.set_num_threads(want)
+        _lowered = (n, want)
 
 
 def _torch_count() -> int:
-    """torch's intra-op count, or 0 where there is nothing to choose (1 thread, deterministic mode)."""
+    """The user's intra-op count for torch (torch's, unless steering lowered it), or 0 where
+    there is nothing to choose (1 thread, deterministic mode)."""
     n = torch.get_num_threads()
-    return 0 if n < 2 or torch.are_deterministic_algorithms_enabled() else n
+    lowered = _lowered
+    if lowered is not None and n == lowered[1]:
+        n = lowered[0]
+    if n < 2 or torch.are_deterministic_algorithms_enabled():
+        if lowered is not None:
+            with _lock:
+                _follow(0, 0)
+        return 0
+    return n
 
 
 def choose(key: tuple) -> int:
@@ -84,6 +144,8 @@ def _choose(key: tuple, n: int) -> int:  # under _lock
             _states.clear()
         state = _states[key] = _State((n, max(1, n // 2)))
     state.countdown -= 1
+    if _steer:
+        _follow(n, state.counts[0])
     return state.counts[1] if state.countdown <= 0 else state.counts[0]
 
 

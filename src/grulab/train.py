@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checkpoint, native, plots, rundir
+from . import checkpoint, native, plots, rundir, threads
 from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, up_to
 from .data import CORPORA, LEVELS, SAMPLERS, Dataset, build_dataset, min_tokens, num_batches
 from .distributed import Dist, current, mark_job, talking
@@ -90,7 +90,8 @@ class TrainConfig(ModelArgs):
                             resumable=True)
     # processes (torchrun): --batch-size is the global batch, split across the processes
     threads: int = option(0, "compute threads per process (0 = PyTorch's default, or OMP_NUM_THREADS, which "
-                          "torchrun sets to 1 when it starts several processes)", rule=up_to(COUNT, 4096), resumable=True)
+                          "torchrun sets to 1 when it starts several processes; lowered while another process "
+                          "keeps a core busy)", rule=up_to(COUNT, 4096), resumable=True)
     timeout: float = option(300.0, "seconds a process waits for the others (runs under torchrun) before the run "
                             "ends with an error", rule=up_to(POSITIVE, 86400), resumable=True)
 
@@ -239,7 +240,9 @@ def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None
     each trains on its rows of every batch, and rank 0 alone claims the run directory, writes and prints.
     """
     dist = current()
-    with claimed(config, dist):
+    # beside a busy process, torch's ops around the GRU follow the thread governor too, unless
+    # --threads fixed the count (grulab.threads.steer_torch)
+    with claimed(config, dist), threads.steering(not config.threads):
         return _train(with_absolute_corpus(config), on_epoch, dist)
 
 
