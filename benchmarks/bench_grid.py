@@ -160,7 +160,9 @@ def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
         out.backward(grad)
 
     fns["grulab.GRU, layer alone"] = layer_alone
+    threads.forget()  # each phase starts from a quiet machine's state
     quiet, per_trial = _trials(fns, trials, reps)
+    threads.forget()
     with threads.steering():
         quiet_s, per_trial_s = _trials(contenders(SEED, train=True)[0], trials, reps)
     names = {"torch.nn.GRU": "torch.nn.GRU", "grulab.GRU": "grulab.GRU (loss `out.sum()`)",

@@ -205,6 +205,11 @@ def test_steering_lowers_torchs_count_while_busy_and_gives_it_back_when_quiet(tw
         _drive(key, 12, BUSY)
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2  # the block's end gives it back
+    with threads.steering():
+        _drive(key, 12, BUSY)
+        assert torch.get_num_threads() == 1 and threads.snapshot()[key] == 1
+        threads.forget()
+        assert torch.get_num_threads() == 2 and key not in threads.snapshot()
 
 
 def test_steering_leaves_a_count_the_user_set_while_lowered(two_threads):

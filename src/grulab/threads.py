@@ -215,6 +215,14 @@ def later(key: tuple, call):
     return results
 
 
+def forget() -> None:
+    """Forget every call shape's times (the next call of each starts afresh on torch's count);
+    torch's count back to the user's if steering lowered it."""
+    with _lock:
+        _states.clear()
+        _follow(0, 0)
+
+
 def snapshot() -> dict[tuple, int]:
     """The count in use per call shape seen in this process."""
     with _lock:
