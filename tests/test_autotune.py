@@ -163,6 +163,22 @@ def test_governor_moves_to_fewer_threads_when_busy_and_back_when_quiet(two_threa
     assert quiet[-1] == 2 and threads.snapshot()[key] == 2  # a probe found 2 threads fast again
 
 
+def test_governor_times_the_other_count_at_once_when_the_one_in_use_turns_slow(two_threads):
+    """Long quiet: the probes have backed off (the next one 64 calls away) and the other count's
+    only time is old. A 3x slower count in use gets the other timed at once, not 64 calls later."""
+    key = ("test-sudden",)
+    quiet = _drive(key, 8 + 16 + 32 + 4, QUIET)
+    assert quiet.count(1) == 3
+    busy = _drive(key, 6, BUSY)
+    assert busy[:2] == [2, 2] and 1 in busy[2:4]  # the window's median turns slow after 2 calls
+    assert threads.snapshot()[key] == 1
+
+    key = ("test-sudden-noise",)
+    _drive(key, 8 + 16 + 32 + 4, QUIET)
+    spike = iter([0.030] + [0.010] * 9)  # one slow call (a page fault, a GC pass) is no reason
+    assert _drive(key, 10, lambda n: next(spike)) == [2] * 10
+
+
 def test_deterministic_mode_keeps_torchs_thread_count(two_threads):
     torch.use_deterministic_algorithms(True)
     try:

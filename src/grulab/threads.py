@@ -16,8 +16,9 @@ training step's forward and backward share one count and are timed together
 that shape). Every native call is timed; the candidate in use is kept while the
 median of its last three times is no worse than the other's; the other one is
 re-timed now and then (8 calls after a switch, then backing off, doubling up to
-every 128 calls while it keeps losing), so the choice follows the machine both
-ways at a cost well under 1% on a quiet one.
+every 128 calls while it keeps losing), and the fewer at once when all threads
+turn 1.5x slower than their best (the fewer's times may be old, or none), so the choice
+follows the machine both ways at a cost well under 1% on a quiet one.
 
 Outputs do not depend on the count (each hidden unit of each row is computed
 with the same arithmetic, whichever thread it is), but some gradient sums may
@@ -42,6 +43,7 @@ import torch
 FIRST_PROBE = 8  # calls before the other count is timed again, after a switch
 MAX_INTERVAL = 128  # the longest wait between two probes of a losing count
 WINDOW = 3  # times kept per count; their median decides
+SLOWDOWN = 1.5  # the count in use this much slower than its best: the other is timed at the next call
 MAX_KEYS = 4096  # call shapes remembered (forgotten all at once beyond)
 
 
@@ -52,6 +54,7 @@ class _State:
     interval: int = FIRST_PROBE
     countdown: int = FIRST_PROBE
     pending: Optional[tuple[int, torch.Tensor]] = None  # later(): (count, timing) of the last call
+    best: float = float("inf")  # the lowest median of the count in use since it became the one in use
 
     def median(self, n: int) -> float:
         times = self.recent.get(n)
@@ -163,7 +166,7 @@ def _record(key: tuple, threads: int, seconds: float) -> None:  # under _lock
     if threads == other:  # a probe: its fresh time against the current count's recent ones
         state.recent[other] = deque([seconds], maxlen=WINDOW)
         if seconds < state.median(current):  # it won: switch
-            state.counts, state.interval = (other, current), FIRST_PROBE
+            state.counts, state.interval, state.best = (other, current), FIRST_PROBE, float("inf")
         else:  # it lost: wait longer before the next one
             state.interval = min(2 * state.interval, MAX_INTERVAL)
         state.countdown = state.interval
@@ -172,9 +175,20 @@ def _record(key: tuple, threads: int, seconds: float) -> None:  # under _lock
     if times is None:
         times = state.recent[current] = deque(maxlen=WINDOW)
     times.append(seconds)
-    if len(times) == WINDOW and state.median(current) > state.median(other):
+    if len(times) < WINDOW:
+        return
+    now = state.median(current)
+    if now > state.median(other):
         # the count in use got slower than the other's last times: the machine got busy
         state.counts, state.interval, state.countdown = (other, current), FIRST_PROBE, FIRST_PROBE
+        state.best = float("inf")
+        return
+    if current > other and now > SLOWDOWN * state.best:
+        # all threads much slower than they were, while the fewer's times are old (or none): the
+        # machine may have got busy, time the fewer now (not the other way: a probe of all
+        # threads beside a busy process costs many calls' time, and quiet makes no one slower)
+        state.countdown, state.interval, state.best = 1, FIRST_PROBE, now
+    state.best = min(state.best, now)
 
 
 def timed(key: tuple, call):
