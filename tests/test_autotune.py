@@ -131,13 +131,23 @@ def test_reset_before_has_no_torch_candidate():
 # -- the thread governor ----------------------------------------------------------------------
 
 
-def test_governor_leaves_a_quiet_machine_on_all_threads_and_backs_off_its_probes(two_threads):
-    key = ("test-quiet",)
+def _drive(key, k, time_of):
+    """k calls of ``key`` through the governor, each taking ``time_of(threads)`` seconds; the counts used."""
     used = []
-    for _ in range(8 + 16 + 32):
+    for _ in range(k):
         n = threads.choose(key)
         used.append(n)
-        threads.record(key, n, 0.010 if n == 2 else 0.017)  # 2 threads faster, as when quiet
+        threads.record(key, n, time_of(n))
+    return used
+
+
+QUIET = lambda n: 0.010 if n == 2 else 0.017  # noqa: E731  2 threads faster
+BUSY = lambda n: 0.060 if n == 2 else 0.018  # noqa: E731  a competitor holds a core: 2 threads stall
+
+
+def test_governor_leaves_a_quiet_machine_on_all_threads_and_backs_off_its_probes(two_threads):
+    key = ("test-quiet",)
+    used = _drive(key, 8 + 16 + 32, QUIET)
     assert used.count(1) == 3  # probes after 8, 16 and 32 calls, each lost
     assert [i for i, n in enumerate(used) if n == 1] == [7, 7 + 16, 7 + 16 + 32]
     assert threads.snapshot()[key] == 2
@@ -145,21 +155,12 @@ def test_governor_leaves_a_quiet_machine_on_all_threads_and_backs_off_its_probes
 
 def test_governor_moves_to_fewer_threads_when_busy_and_back_when_quiet(two_threads):
     key = ("test-busy",)
-
-    def calls(k, time_of):
-        used = []
-        for _ in range(k):
-            n = threads.choose(key)
-            used.append(n)
-            threads.record(key, n, time_of(n))
-        return used
-
-    calls(8, lambda n: 0.010 if n == 2 else 0.017)  # quiet: the probe of 1 thread loses
-    busy = calls(12, lambda n: 0.060 if n == 2 else 0.018)  # a competitor: 2 threads stall
+    _drive(key, 8, QUIET)  # the probe of 1 thread loses
+    busy = _drive(key, 12, BUSY)
     # the median of the last 3 calls turns slow after 2 slow ones: it moves, and probes 8 calls later
     assert busy == [2, 2] + [1] * 7 + [2] + [1] * 2
     assert threads.snapshot()[key] == 1
-    quiet = calls(16, lambda n: 0.010 if n == 2 else 0.017)
+    quiet = _drive(key, 16, QUIET)
     assert quiet[-1] == 2 and threads.snapshot()[key] == 2  # a probe found 2 threads fast again
 
 
@@ -185,20 +186,6 @@ def test_deterministic_mode_keeps_torchs_thread_count(two_threads):
         assert threads.choose(("test-det",)) == 0
     finally:
         torch.use_deterministic_algorithms(False)
-
-
-def _drive(key, k, time_of):
-    """k calls of ``key`` through the governor, each taking ``time_of(threads)`` seconds; the counts used."""
-    used = []
-    for _ in range(k):
-        n = threads.choose(key)
-        used.append(n)
-        threads.record(key, n, time_of(n))
-    return used
-
-
-QUIET = lambda n: 0.010 if n == 2 else 0.017  # noqa: E731  2 threads faster
-BUSY = lambda n: 0.060 if n == 2 else 0.018  # noqa: E731  a competitor holds a core: 2 threads stall
 
 
 def test_torchs_own_count_is_left_alone_unless_steering_is_on(two_threads):
