@@ -10,6 +10,10 @@ slow phase of the machine hits everyone alike. Three workloads:
 * ``gen/token``: greedy-generation step, B = 1, one token at a time with the
                  state carried (``nn.GRU`` on a length-1 sequence vs ``gru_step``).
 
+And the first two at the small shape in the other forms the fused kernels keep fast: float64
+(torch.nn.GRU in float64 too) and the notes' ``reset_after=False`` (against torch.nn.GRU's
+reset-after layer, torch having no reset-before kernel).
+
 Usage::
 
     python benchmarks/bench_gru.py            # full run, writes benchmarks/results.md
@@ -112,6 +116,46 @@ def train_and_infer(shape, reps: int, with_reference: bool):
     if fused.native_available():
         fb["fused native"] = fb_fused("native")
         inf["fused native"] = fw(lambda: fused.gru_layer(x, h0, *params, True, backend="native"))
+    return interleaved(fb, reps), interleaved(inf, reps)
+
+
+def variants(shape, reps: int, dtype: torch.dtype, reset_after: bool):
+    """fwd+bwd and inference of one layer in float64 or in the notes' reset-before form, against
+    torch.nn.GRU in the same dtype (torch has no reset-before kernel: its reset-after GRU is the
+    yardstick there)."""
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(I, H).to(dtype)
+    params = gru_weights(gru)
+    x = torch.randn(T, B, I, dtype=dtype)
+    h0 = torch.zeros(B, H, dtype=dtype)
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    def fb_nn_gru():
+        zero()
+        out, _ = gru(x, h0.unsqueeze(0))
+        out.sum().backward()
+
+    def fb_fused(backend):
+        def run():
+            zero()
+            out, _ = fused.gru_layer(x, h0, *params, reset_after, backend=backend)
+            out.sum().backward()
+        return run
+
+    def fw(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return run
+
+    backends = ["torch"] + (["native"] if fused.native_available() else [])
+    fb = {"torch.nn.GRU": fb_nn_gru} | {f"fused {b}": fb_fused(b) for b in backends}
+    inf = {"torch.nn.GRU": fw(lambda: gru(x, h0.unsqueeze(0)))} | {
+        f"fused {b}": fw(lambda b=b: fused.gru_layer(x, h0, *params, reset_after, backend=b)) for b in backends}
     return interleaved(fb, reps), interleaved(inf, reps)
 
 
@@ -220,6 +264,11 @@ def main(argv=None) -> int:
             fb, inf = train_and_infer(LARGE, 5, with_reference=False)
             rows += [("fwd+bwd", LARGE, fb), ("fwd (no_grad)", LARGE, inf)]
         rows.append(("gen/token", GEN, generation(GEN, 10 if args.quick else 30, 200)))
+        if not args.quick:  # the other forms: float64, and the notes' reset-before GRU
+            for label, dtype, reset_after in (("float64", torch.float64, True),
+                                              ("reset_after=False", torch.float32, False)):
+                fb, inf = variants(SMALL, reps_small, dtype, reset_after)
+                rows += [(f"fwd+bwd, {label}", SMALL, fb), (f"fwd (no_grad), {label}", SMALL, inf)]
         runs.append(rows)
         print(f"run {run + 1}/{args.runs} done", flush=True)
     table = make_table(runs)
