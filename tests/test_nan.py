@@ -123,11 +123,13 @@ def test_zero_h0_keeps_a_non_finite_first_step(tier, dtype, where, value):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("where,index,value", CASES)
-def test_step_and_both_variants_match_the_reference_loop(tier, dtype, reset_after, where, index, value):
-    """Both cell forms (torch.nn.GRU has only reset-after): the notes' formulas in a plain loop."""
+@pytest.mark.parametrize("B", [3, 9])
+def test_step_and_both_variants_match_the_reference_loop(tier, dtype, reset_after, where, index, value, B):
+    """Both cell forms (torch.nn.GRU has only reset-after): the notes' formulas in a plain loop.
+    B = 9: float32 reset-before runs the packed forward split by rows (csrc/forward.cpp)."""
     from grulab import reference
 
-    T, B, I, H = 3, 3, 5, 12
+    T, I, H = 3, 5, 12
     g = torch.Generator().manual_seed(2)
     x = torch.randn(T, B, I, dtype=dtype, generator=g)
     h0 = torch.randn(B, H, dtype=dtype, generator=g)
@@ -146,6 +148,32 @@ def test_step_and_both_variants_match_the_reference_loop(tier, dtype, reset_afte
     assert_same(h_T, want_h, "h_n")
     step = fused.gru_step(x[0], h0, *params, reset_after=reset_after, backend=tier)
     assert_same(step, want_out[0], "single step")
+
+
+@pytest.mark.parametrize("where", ["weight_ih_l0", "weight_hh_l0"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_reset_before_with_zero_h0_keeps_a_non_finite_first_step(tier, where, value):
+    """The notes' form, h0 = 0, B = 17 and H = 40 (the packed forward by rows, a partial panel):
+    step 0's r and z skip their hidden-side tiles, but c = r ⊙ h0 still goes through W_hn, so
+    a NaN in one unit's r (from W_ir) reaches every unit's n, as in the plain loop."""
+    from grulab import reference
+
+    T, B, I, H = 3, 17, 5, 40
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, B, I, generator=g)
+    h0 = torch.zeros(B, H)
+    params = [torch.randn(3 * H, I, generator=g) * 0.3, torch.randn(3 * H, H, generator=g) * 0.2,
+              torch.randn(3 * H, generator=g), torch.randn(3 * H, generator=g)]
+    if where == "weight_ih_l0":
+        params[0][7, 2] = value  # W_ir, unit 7: r of that unit alone
+    else:
+        params[1][2 * H + 7, 3] = value  # W_hn
+    want_out, want_h = reference.gru_layer(x, h0, *params, reset_after=False)
+    out, h_T = fused.gru_layer(x, h0, *params, reset_after=False, backend=tier)
+    assert_same(out, want_out, "output")
+    assert_same(h_T, want_h, "h_n")
+    if where == "weight_ih_l0" and value != value:  # NaN · 0 = NaN in c: every n at step 0
+        assert out[0].isnan().all()
 
 
 def test_nan_weight_gives_nan_loss_in_the_language_model():

@@ -116,7 +116,8 @@ class PanelQueue {
 };
 
 // One instruction set's entry points (see loops.inc for what each computes).
-// `packed` is true where the float32 reset-after packed-weight kernels exist;
+// `packed` is true where the float32 packed-weight kernels exist (the forward's
+// for both forms, the backward's for reset-after);
 // the glue sizes their scratch with `panel` / `cols` (units per forward /
 // backward panel: one and two SIMD registers of floats).
 struct IsaOps {
@@ -126,8 +127,8 @@ struct IsaOps {
   int64_t rows;  // batch rows of the packed kernels' widest register tile (4, or 8 on AVX-512)
   void (*forward_packed)(const float* x, const float* h0, bool h0_zero, const float* w_ih, const float* w_hh,
                          const float* bias4, int64_t Tn, int64_t B, int64_t I, int64_t H,
-                         bool save, float* out, float* saved, float* pack_hh, float* pack_ih,
-                         bool by_rows, int nt);
+                         bool save, bool reset_after, float* out, float* saved, float* pack_hh,
+                         float* pack_ih, bool by_rows, int nt);
   void (*forward_loop_f)(const float* gx, const float* h0, const float* w_hh, const float* b_hh,
                          int64_t Tn, int64_t B, int64_t H, bool reset_after, bool save,
                          float* out, float* saved, int nt);
