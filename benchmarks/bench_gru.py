@@ -65,13 +65,18 @@ def gru_weights(gru: torch.nn.GRU):
     return gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0
 
 
-def train_and_infer(shape, reps: int, with_reference: bool):
+def train_and_infer(shape, reps: int, with_reference: bool, dtype: torch.dtype = torch.float32,
+                    reset_after: bool = True):
+    """fwd+bwd and inference of one layer, each contender interleaved. The other forms (float64,
+    the notes' reset_after=False) run against torch.nn.GRU in the same dtype, without the LSTM and
+    the reference (torch has no reset-before kernel: its reset-after GRU is the yardstick there)."""
     B, T, I, H = shape
     torch.manual_seed(0)
-    gru, lstm = torch.nn.GRU(I, H), torch.nn.LSTM(I, H)
+    main_form = dtype == torch.float32 and reset_after
+    gru, lstm = torch.nn.GRU(I, H).to(dtype), torch.nn.LSTM(I, H)
     params = gru_weights(gru)
-    x = torch.randn(T, B, I)
-    h0 = torch.zeros(B, H)
+    x = torch.randn(T, B, I, dtype=dtype)
+    h0 = torch.zeros(B, H, dtype=dtype)
     everyone = list(gru.parameters()) + list(lstm.parameters())
 
     def zero():
@@ -91,7 +96,7 @@ def train_and_infer(shape, reps: int, with_reference: bool):
     def fb_fused(backend):
         def run():
             zero()
-            out, _ = fused.gru_layer(x, h0, *params, True, backend=backend)
+            out, _ = fused.gru_layer(x, h0, *params, reset_after, backend=backend)
             out.sum().backward()
         return run
 
@@ -106,56 +111,16 @@ def train_and_infer(shape, reps: int, with_reference: bool):
                 fn()
         return run
 
-    fb = {"torch.nn.GRU": fb_nn_gru, "torch.nn.LSTM": fb_nn_lstm}
-    inf = {"torch.nn.GRU": fw(lambda: gru(x, h0.unsqueeze(0))), "torch.nn.LSTM": fw(lambda: lstm(x))}
-    if with_reference:
+    fb = {"torch.nn.GRU": fb_nn_gru}
+    inf = {"torch.nn.GRU": fw(lambda: gru(x, h0.unsqueeze(0)))}
+    if main_form:
+        fb["torch.nn.LSTM"], inf["torch.nn.LSTM"] = fb_nn_lstm, fw(lambda: lstm(x))
+    if with_reference and main_form:
         fb["reference"] = fb_reference
         inf["reference"] = fw(lambda: reference.gru_layer(x, h0, *params, True))
-    fb["fused torch"] = fb_fused("torch")
-    inf["fused torch"] = fw(lambda: fused.gru_layer(x, h0, *params, True, backend="torch"))
-    if fused.native_available():
-        fb["fused native"] = fb_fused("native")
-        inf["fused native"] = fw(lambda: fused.gru_layer(x, h0, *params, True, backend="native"))
-    return interleaved(fb, reps), interleaved(inf, reps)
-
-
-def variants(shape, reps: int, dtype: torch.dtype, reset_after: bool):
-    """fwd+bwd and inference of one layer in float64 or in the notes' reset-before form, against
-    torch.nn.GRU in the same dtype (torch has no reset-before kernel: its reset-after GRU is the
-    yardstick there)."""
-    B, T, I, H = shape
-    torch.manual_seed(0)
-    gru = torch.nn.GRU(I, H).to(dtype)
-    params = gru_weights(gru)
-    x = torch.randn(T, B, I, dtype=dtype)
-    h0 = torch.zeros(B, H, dtype=dtype)
-
-    def zero():
-        for p in params:
-            p.grad = None
-
-    def fb_nn_gru():
-        zero()
-        out, _ = gru(x, h0.unsqueeze(0))
-        out.sum().backward()
-
-    def fb_fused(backend):
-        def run():
-            zero()
-            out, _ = fused.gru_layer(x, h0, *params, reset_after, backend=backend)
-            out.sum().backward()
-        return run
-
-    def fw(fn):
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-
-    backends = ["torch"] + (["native"] if fused.native_available() else [])
-    fb = {"torch.nn.GRU": fb_nn_gru} | {f"fused {b}": fb_fused(b) for b in backends}
-    inf = {"torch.nn.GRU": fw(lambda: gru(x, h0.unsqueeze(0)))} | {
-        f"fused {b}": fw(lambda b=b: fused.gru_layer(x, h0, *params, reset_after, backend=b)) for b in backends}
+    for backend in ["torch"] + (["native"] if fused.native_available() else []):
+        fb[f"fused {backend}"] = fb_fused(backend)
+        inf[f"fused {backend}"] = fw(lambda b=backend: fused.gru_layer(x, h0, *params, reset_after, backend=b))
     return interleaved(fb, reps), interleaved(inf, reps)
 
 
@@ -267,7 +232,7 @@ def main(argv=None) -> int:
         if not args.quick:  # the other forms: float64, and the notes' reset-before GRU
             for label, dtype, reset_after in (("float64", torch.float64, True),
                                               ("reset_after=False", torch.float32, False)):
-                fb, inf = variants(SMALL, reps_small, dtype, reset_after)
+                fb, inf = train_and_infer(SMALL, reps_small, False, dtype, reset_after)
                 rows += [(f"fwd+bwd, {label}", SMALL, fb), (f"fwd (no_grad), {label}", SMALL, inf)]
         runs.append(rows)
         print(f"run {run + 1}/{args.runs} done", flush=True)
