@@ -85,7 +85,7 @@ def _check_against_reference(tier, shape, reset_after, bias, dtype):
                                    (2, 37, 6, 40)])
 def test_matches_reference_multithreaded(tier, shape, reset_after, dtype):
     """Shapes big enough that the native time loop splits the hidden units across threads,
-    or (B >= 16, float32 packed path) the batch rows."""
+    or (float32 packed path: B >= 16, or B >= 8 for reset_after=False) the batch rows."""
     _check_against_reference(tier, shape, reset_after, True, dtype)
 
 

@@ -113,13 +113,17 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   Tensor db = (has_b_ih || has_b_hh) ? at::zeros({4 * H}, opts) : Tensor();
 
   const bool is_float = x.scalar_type() == at::kFloat;
-  // The packed path (float32, reset_after) packs all columns of W_hh into panels of ops.cols units.
-  const bool packed = is_float && ops.packed && reset_after;
-  const bool by_rows = packed && split_rows(ops, B, 3 * H * H, nt);  // see native.h
+  // The packed path (float32) packs all columns of W_hh into panels of ops.cols units. The
+  // notes' reset_after=False takes it split by rows only, whatever the thread count, as the
+  // forward does (forward.cpp: the same bits on 1 or 2 threads), where W_hh fits in L2.
+  const bool rows_rb = !reset_after && is_float && ops.packed && B >= kMinRowsResetBefore &&
+                       l2_bytes() > 0 && 3 * H * H * static_cast<int64_t>(sizeof(float)) <= l2_bytes();
+  const bool packed = is_float && ops.packed && (reset_after || rows_rb);
+  const bool by_rows = reset_after ? packed && split_rows(ops, B, 3 * H * H, nt) : rows_rb;  // see native.h
   // Where the loop may split the rows at some thread count (the governor picks 1 or 2), each
   // step's bias sums go by blocks of kRowBlock rows, added up in a fixed order (loops.inc), so
   // that they are the same bits whichever split and count run; elsewhere over whole steps.
-  const bool blocked = db.defined() && packed && split_rows(ops, B, 3 * H * H, 2);
+  const bool blocked = db.defined() && (reset_after ? packed && split_rows(ops, B, 3 * H * H, 2) : rows_rb);
   Tensor db_part = blocked ? scratch(kDbPart, {Tc, (B + kRowBlock - 1) / kRowBlock, 4 * H}, opts) : Tensor();
   Tensor w_cols = packed ? scratch(kPackCols, {(H + ops.cols - 1) / ops.cols * 3 * H * ops.cols}, opts)
                          : Tensor();
