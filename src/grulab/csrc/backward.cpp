@@ -114,10 +114,8 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
 
   const bool is_float = x.scalar_type() == at::kFloat;
   // The packed path (float32) packs all columns of W_hh into panels of ops.cols units. The
-  // notes' reset_after=False takes it split by rows only, whatever the thread count, as the
-  // forward does (forward.cpp: the same bits on 1 or 2 threads), where W_hh fits in L2.
-  const bool rows_rb = !reset_after && is_float && ops.packed && B >= kMinRowsResetBefore &&
-                       l2_bytes() > 0 && 3 * H * H * static_cast<int64_t>(sizeof(float)) <= l2_bytes();
+  // notes' reset_after=False takes it split by rows only, as the forward does (native.h).
+  const bool rows_rb = !reset_after && is_float && rows_reset_before(ops, B, 3 * H * H);
   const bool packed = is_float && ops.packed && (reset_after || rows_rb);
   const bool by_rows = reset_after ? packed && split_rows(ops, B, 3 * H * H, nt) : rows_rb;  // see native.h
   // Where the loop may split the rows at some thread count (the governor picks 1 or 2), each

@@ -55,14 +55,10 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
 
   // The packed-weight fast path. Not for B = 1: a tile always computes 4 rows,
   // and one row is a matrix-vector product, which small_linear does better.
-  // reset_after=False runs it split by rows only (see forward_packed), whatever the thread
-  // count, where the packed weights fit in one core's L2 and there are kMinRowsResetBefore
-  // rows or more: which kernel runs must not depend on the governor's count (the same bits
-  // on 1 or 2 threads).
+  // reset_after=False runs it split by rows only (see forward_packed, rows_reset_before).
   const int nt = loop_threads(B, H, threads);
-  const int64_t weight_bytes = 3 * H * (H + I) * static_cast<int64_t>(sizeof(float));
-  const bool by_rows = reset_after ? ops.packed && split_rows(ops, B, 3 * H * (H + I), nt)
-                                   : B >= kMinRowsResetBefore && l2_bytes() > 0 && weight_bytes <= l2_bytes();
+  const bool by_rows = reset_after ? split_rows(ops, B, 3 * H * (H + I), nt)
+                                   : rows_reset_before(ops, B, 3 * H * (H + I));
   if (ops.packed && x.scalar_type() == at::kFloat && B > 1 && (reset_after || by_rows)) {
     const int64_t P = (H + ops.panel - 1) / ops.panel;  // panels of one register of units
     Tensor pack_hh = scratch(kPackHH, {P * H * 3 * ops.panel}, at::kFloat);

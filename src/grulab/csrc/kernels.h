@@ -116,8 +116,8 @@ class PanelQueue {
 };
 
 // One instruction set's entry points (see loops.inc for what each computes).
-// `packed` is true where the float32 packed-weight kernels exist (the forward's
-// for both forms, the backward's for reset-after);
+// `packed` is true where the float32 packed-weight kernels exist (both forms;
+// reset_after=False split by rows only, see native.h);
 // the glue sizes their scratch with `panel` / `cols` (units per forward /
 // backward panel: one and two SIMD registers of floats).
 struct IsaOps {

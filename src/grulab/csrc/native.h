@@ -41,11 +41,22 @@ inline int64_t l2_bytes() {
   return l2;
 }
 
-// The notes' reset_after=False runs the packed loops (split by rows, whatever the thread
-// count) from this many batch rows: a 4-row tile for each of two threads. At (B, T, I, H) =
-// (4, 35, 28, 256) the packed forward took 1.12x the time loop's time, at B = 8 0.78x
-// (Sapphire Rapids).
+// Whether `weight_floats` floats fit in one core's L2 (where the system does not say: no).
+inline bool fits_l2(int64_t weight_floats) {
+  const int64_t l2 = l2_bytes();
+  return l2 > 0 && weight_floats * static_cast<int64_t>(sizeof(float)) <= l2;
+}
+
+// The notes' reset_after=False runs the packed loops (float32) split by rows only, whatever
+// the thread count, so that which kernel runs does not depend on the governor's count (the
+// same bits on 1 or 2 threads): where `weight_floats` (what the loop packs) fit in one core's
+// L2 and there are kMinRowsResetBefore rows or more, a 4-row tile for each of two threads.
+// At (B, T, I, H) = (4, 35, 28, 256) the packed forward took 1.12x the time loop's time, at
+// B = 8 0.78x (Sapphire Rapids).
 constexpr int64_t kMinRowsResetBefore = 8;
+inline bool rows_reset_before(const IsaOps& ops, int64_t B, int64_t weight_floats) {
+  return ops.packed && B >= kMinRowsResetBefore && fits_l2(weight_floats);
+}
 
 // Whether the packed time loops split the batch rows among the threads instead
 // of the hidden units. Batch rows are independent, so a thread that owns rows
@@ -55,9 +66,7 @@ constexpr int64_t kMinRowsResetBefore = 8;
 // its share: rows only where every thread gets a full register tile of rows
 // (ops.rows) and `weight_floats` fit in one core's L2 (sysconf; unknown: units).
 inline bool split_rows(const IsaOps& ops, int64_t B, int64_t weight_floats, int nt) {
-  const int64_t l2 = l2_bytes();
-  return nt > 1 && ops.rows > 0 && B >= nt * ops.rows && l2 > 0 &&
-         weight_floats * static_cast<int64_t>(sizeof(float)) <= l2;
+  return nt > 1 && ops.rows > 0 && B >= nt * ops.rows && fits_l2(weight_floats);
 }
 
 // MKL's thread count for the calling thread while a BlasThreads lives: `threads` if > 0
