@@ -1,10 +1,23 @@
 """Fixtures shared by several test files."""
 from __future__ import annotations
 
+import os
+import platform
+
 import pytest
 import torch
 
-from grulab import kernels
+from grulab import kernels, native
+
+
+def pytest_sessionstart(session):
+    """Under CI (CI=true, as .ci/run sets) on an x86-64 machine the native kernels must be there:
+    without them every native test would skip and the suite would pass with no native coverage."""
+    if os.environ.get("CI", "").lower() in ("", "0", "false") or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    if native.load() is None:
+        pytest.exit(f"CI: the native GRU kernel is missing on this x86-64 machine ({native.error()}); "
+                    f"its tests would all skip. Fix the build (g++, ninja, `make test`)", returncode=3)
 
 
 @pytest.fixture(params=[k.name for k in kernels.KERNELS if k.impl == "fused"])

@@ -76,14 +76,14 @@ Two tiers implement this, with the same autograd wrapper:
   are independent, so each thread runs its rows through all T steps with no
   barrier at all (``split_rows`` in ``csrc/native.h``).
 
-Both tiers are reached through torch operators (``torch.ops.grulab.gru_forward``,
-``gru_backward``, ``gru_step``) with fake implementations and an autograd
-formula, so ``torch.compile(fullgraph=True)`` and ``torch.export`` see one node
-per layer. In eager mode the same tier functions and formula are called
-directly (``_EagerLayer``, and ``gru_step``'s lookup), since the custom op's
-Python argument handling costs more than a small layer's arithmetic; a native
-kernel's training step goes further: its backward is a C++ autograd function
-(``csrc/autograd.cpp``), so the autograd engine reaches the kernel without Python.
+Both tiers run behind one torch operator (``torch.ops.grulab.gru_forward``,
+``gru_backward``, ``gru_step``) with fake implementations and one autograd
+formula (``_Layer``), so ``torch.compile(fullgraph=True)`` and ``torch.export``
+see one node per layer, and every call, eager or traced, goes through the same
+argument handling, layouts and zero sizes included. A backward whose own graph is
+needed (``create_graph=True``: double backward) or that is batched (vmap,
+``is_grads_batched``), and calls under torch.func transforms, take
+:mod:`grulab.reference`'s equations under autograd (the operator section below).
 :mod:`grulab.kernels` decides which kernel runs (``grulab kernels`` shows it);
 ``GRULAB_KERNEL=<name>`` forces one.
 """
@@ -96,7 +96,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import kernels, native, threads
+from . import kernels, native, reference, threads
 
 __all__ = ["gru_layer", "gru_step", "backend", "native_available", "release_scratch"]
 
@@ -349,17 +349,6 @@ class _NativeTier:
     def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):
         return native.load().step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, isa)
 
-    @staticmethod
-    def train(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):
-        """Eager training: the forward now, and outputs whose grad_fn is the native backward in
-        C++ (csrc/autograd.cpp), so no Python runs between the autograd engine and the kernel.
-        Same formula and results as ``_EagerLayer`` with this tier; one thread count for the
-        forward and its backward."""
-        key = ("train", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, x.requires_grad)
-        out, h_T = threads.later(key, lambda n: native.load().layer_train(
-            x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, isa, n))
-        return out, h_T
-
 
 def _tier(kernel: str):
     """(tier, extra args) for a fused kernel name from grulab.kernels."""
@@ -403,51 +392,96 @@ def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Torch operators: torch.ops.grulab.gru_forward / gru_backward / gru_step.
-# A custom op with a fake (meta) implementation and an autograd formula is
-# what lets torch.compile(fullgraph=True) and torch.export see the fused layer
-# as one node instead of tracing into C++.
+# The operator: torch.ops.grulab.gru_forward / gru_backward / gru_step.
+#
+# This is the one route into the kernels. A schema, a backend implementation that
+# runs the named kernel, a fake (meta) implementation, and one autograd formula
+# (_Layer, the operator's Autograd kernel) are what let torch.compile(fullgraph=True)
+# and torch.export see the fused layer as one node. Eager calls skip only the
+# dispatcher's hops: gru_layer calls _Layer.apply and the backend function
+# directly, which is what the dispatcher would call, without its Python round trip
+# for a Python kernel (~50 µs a training step).
+#
+# What each argument may be: any strided layout (non-contiguous, transposed,
+# expanded, time-strided). The fused-torch tier reads strides as torch ops do; the
+# native kernels copy what is not contiguous at the boundary, in C++ (a contiguous
+# tensor costs nothing there).
+# Zero sizes: a batch, input or hidden size of 0 runs on fused-torch (torch's own
+# ops have the empty-tensor semantics); T = 0 is refused as torch.nn.GRU refuses it.
+# Higher order: a backward with create_graph=True, a batched one (is_grads_batched)
+# and the torch.func transforms (jacrev, vmap, grad) take the differentiable route,
+# grulab.reference's equations under autograd: the same maths, differentiable to
+# any order and composable with every transform, at the reference's speed.
 # ---------------------------------------------------------------------------
 
+_functorch = torch._C._functorch
+_lib = torch.library.Library("grulab", "DEF")
+_lib.define("gru_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+            "bool reset_after, bool save, str kernel) -> (Tensor, Tensor, Tensor[])")
+_lib.define("gru_backward(Tensor? grad_out, Tensor? grad_hT, Tensor x, Tensor h0, Tensor w_ih, "
+            "Tensor w_hh, Tensor out, Tensor[] saved, bool reset_after, bool has_b_ih, bool has_b_hh, "
+            "bool need_x, bool need_h0, str kernel) -> Tensor[]")
+_lib.define("gru_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+            "bool reset_after, str kernel) -> Tensor")
 
-def _saved_shapes(kernel: str, T: int, B: int, H: int, save: bool) -> list[tuple]:
-    if not save:
-        return []
-    if kernel == "fused-torch":
-        return [(T, B, 3 * H), (T, B, H)]
-    return [(T, B, 4 * H)]
+
+def _runs(kernel: str, batch: int, inputs: int, hidden: int):
+    """(tier, extra args) that run ``kernel`` for these sizes: fused-torch where one is 0."""
+    if kernel != "fused-torch" and not (batch and inputs and hidden):
+        kernel = "fused-torch"
+    found = _TIERS.get(kernel)
+    if found is None:
+        found = _TIERS[kernel] = _tier(kernel)
+    return found
 
 
-@torch.library.custom_op("grulab::gru_forward", mutates_args=())
-def _op_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                b_hh: Optional[Tensor], reset_after: bool, save: bool,
-                kernel: str) -> tuple[Tensor, Tensor, list[Tensor]]:
-    tier, extra = _tier(kernel)
+_TIERS: dict[str, tuple] = {}
+
+
+def _forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
+    """The backend implementation of gru_forward: -> (out, h_T, saved)."""
+    tier, extra = _runs(kernel, x.shape[1], x.shape[2], h0.shape[1])
     out, h_T, saved = tier.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, *extra)
     return out, h_T, (list(saved) if save else [])
 
 
-@_op_forward.register_fake
-def _(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
-    T, B, _ = x.shape
-    H = h0.shape[1]
-    return (x.new_empty(T, B, H), x.new_empty(B, H),
-            [x.new_empty(s) for s in _saved_shapes(kernel, T, B, H, save)])
-
-
-@torch.library.custom_op("grulab::gru_backward", mutates_args=())
-def _op_backward(grad_out: Optional[Tensor], grad_hT: Optional[Tensor], x: Tensor, h0: Tensor,
-                 w_ih: Tensor, w_hh: Tensor, out: Tensor, saved: list[Tensor], reset_after: bool,
-                 has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool,
-                 kernel: str) -> list[Tensor]:
-    """[dx, dh0, dw_ih, dw_hh, db_ih, db_hh]; a gradient that is not needed is an empty tensor."""
-    tier, extra = _tier(kernel)
+def _backward_impl(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after, has_b_ih,
+                   has_b_hh, need_x, need_h0, kernel):
+    """The backend implementation of gru_backward: [dx, dh0, dw_ih, dw_hh, db_ih, db_hh], an
+    empty tensor for a gradient that is not needed."""
+    tier, extra = _runs(kernel, x.shape[1], x.shape[2], h0.shape[1])
     grads = tier.backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, tuple(saved), reset_after,
                           has_b_ih, has_b_hh, need_x, need_h0, *extra)
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
-@_op_backward.register_fake
+def _step_impl(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel):
+    tier, extra = _runs(kernel, x.shape[0], x.shape[1], h.shape[1])
+    return tier.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
+
+
+_lib.impl("gru_forward", _forward_impl, "CompositeExplicitAutograd")
+_lib.impl("gru_backward", _backward_impl, "CompositeExplicitAutograd")
+_lib.impl("gru_step", _step_impl, "CompositeExplicitAutograd")
+
+
+def _saved_shapes(kernel: str, T: int, B: int, I: int, H: int, save: bool) -> list[tuple]:
+    if not save:
+        return []
+    if _runs(kernel, B, I, H)[0] is _TorchTier:
+        return [(T, B, 3 * H), (T, B, H)]
+    return [(T, B, 4 * H)]
+
+
+@torch.library.register_fake("grulab::gru_forward")
+def _(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
+    T, B, I = x.shape
+    H = h0.shape[1]
+    return (x.new_empty(T, B, H), x.new_empty(B, H),
+            [x.new_empty(s) for s in _saved_shapes(kernel, T, B, I, H, save)])
+
+
+@torch.library.register_fake("grulab::gru_backward")
 def _(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after, has_b_ih, has_b_hh,
       need_x, need_h0, kernel):
     H = h0.shape[1]
@@ -457,74 +491,96 @@ def _(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after, has_b_ih, h
             x.new_empty(3 * H) if has_b_ih else e, x.new_empty(3 * H) if has_b_hh else e]
 
 
-def _setup_context(ctx, inputs, output):
-    x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel = inputs
-    out, _, saved = output
-    ctx.save_for_backward(x, h0, w_ih, w_hh, out, *saved)
-    ctx.reset_after, ctx.kernel = reset_after, kernel
-    ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
-    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
-
-
-def _grads(backward, ctx, grad_out, grad_hT) -> tuple:
-    """(dx, dh0, dw_ih, dw_hh, db_ih, db_hh), None where not needed, from ``backward``
-    (the operator torch.ops.grulab.gru_backward, or the tier's function in eager mode)."""
-    x, h0, w_ih, w_hh, out, *saved = ctx.saved_tensors
-    if grad_out is None and grad_hT is None:
-        return (None,) * 6
-    need = ctx.needs_input_grad  # (x, h0, w_ih, w_hh, b_ih, b_hh, ...)
-    dx, dh0, dw_ih, dw_hh, db_ih, db_hh = backward(
-        grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, ctx.reset_after,
-        ctx.has_b_ih and need[4], ctx.has_b_hh and need[5], need[0], need[1], ctx.kernel)
-    return (dx if need[0] else None, dh0 if need[1] else None,
-            dw_ih if need[2] else None, dw_hh if need[3] else None,
-            db_ih if ctx.has_b_ih and need[4] else None, db_hh if ctx.has_b_hh and need[5] else None)
-
-
-def _backward(ctx, grad_out, grad_hT, _grad_saved):
-    return _grads(torch.ops.grulab.gru_backward, ctx, grad_out, grad_hT) + (None, None, None)
-
-
-_op_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _eager_backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after, has_b_ih,
-                    has_b_hh, need_x, need_h0, kernel):
-    tier, extra = _tier(kernel)
-    return tier.backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, tuple(saved), reset_after,
-                         has_b_ih, has_b_hh, need_x, need_h0, *extra)
-
-
-class _EagerLayer(torch.autograd.Function):
-    """Training in eager mode: the operator's tier calls and autograd formula, without its
-    Python round trip (the custom op's argument handling costs ~0.3 ms per call each way,
-    ~8% of a training step at (B, T, I, H) = (32, 35, 28, 256)). Under torch.compile,
-    torch.export and jit tracing, and for tensor subclasses (fake tensors), gru_layer
-    calls the operator instead, so graphs still see one node per layer."""
-
-    @staticmethod
-    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, kernel: str):
-        tier, extra = _tier(kernel)
-        out, h_T, saved = tier.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, *extra)
-        _setup_context(ctx, (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, kernel),
-                       (out, h_T, list(saved)))
-        return out, h_T
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_hT):
-        return _grads(_eager_backward, ctx, grad_out, grad_hT) + (None, None)
-
-
-@torch.library.custom_op("grulab::gru_step", mutates_args=())
-def _op_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-             b_hh: Optional[Tensor], reset_after: bool, kernel: str) -> Tensor:
-    tier, extra = _tier(kernel)
-    return tier.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
-
-
-@_op_step.register_fake
+@torch.library.register_fake("grulab::gru_step")
 def _(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel):
     return h.new_empty(h.shape)
+
+
+def _plain(t: Optional[Tensor]) -> bool:
+    """A tensor the kernels can read directly: not a subclass (fake, functional) and not
+    wrapped by a torch.func transform (a batched or grad-tracking tensor)."""
+    return t is None or (type(t) is Tensor and not _functorch.is_functorch_wrapped_tensor(t)
+                         and not _functorch.is_legacy_batchedtensor(t))  # is_grads_batched's
+
+
+def _differentiable_backward(inputs, need, reset_after, grad_out, grad_hT) -> list:
+    """dL/d(x, h0, w_ih, w_hh, b_ih, b_hh) through grulab.reference's equations under autograd:
+    the route of a backward with create_graph=True or with batched gradients (vmap). Its own
+    graph is differentiable, so gradgradcheck, Hessian-vector products and torch.func hold."""
+    wanted = [i for i, t in enumerate(inputs) if t is not None and need[i]]
+    with torch.enable_grad():
+        out, h_T = reference.gru_layer(*inputs, reset_after)  # (T, B, H), (B, H)
+    outs, grads = zip(*[(o, g) for o, g in ((out, grad_out), (h_T, grad_hT)) if g is not None])
+    found = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads,
+                                create_graph=torch.is_grad_enabled(), allow_unused=True)
+    result = [None] * 6
+    for i, g in zip(wanted, found):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return result
+
+
+class _Layer(torch.autograd.Function):
+    """The autograd formula of grulab::gru_forward (the operator's Autograd kernel).
+
+    Forward: the layer, saving what the kernel's backward needs. Backward: the kernel's BPTT
+    (gru_backward), or, for a backward whose graph must itself be differentiable
+    (create_graph=True) or that runs under vmap, :func:`_differentiable_backward`."""
+
+    @staticmethod
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, kernel: str):
+        if _plain(x):
+            out, h_T, saved = _forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, kernel)
+        else:  # fake or functional tensors (compile, export): the backend below autograd
+            with torch._C._AutoDispatchBelowAutograd():
+                out, h_T, saved = torch.ops.grulab.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh,
+                                                               reset_after, True, kernel)
+        return (out, h_T, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel = inputs
+        out, _, *saved = output
+        ctx.mark_non_differentiable(*saved)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out, *saved)
+        ctx.reset_after, ctx.kernel = reset_after, kernel
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_hT, *_grad_saved):
+        none = (None,) * 8
+        if grad_out is None and grad_hT is None:
+            return none
+        x, h0, w_ih, w_hh, b_ih, b_hh, out, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
+        batched = not (_plain(grad_out) and _plain(grad_hT))
+        if (torch.is_grad_enabled() and _plain(x)) or (batched and _plain(x)):
+            grads = _differentiable_backward((x, h0, w_ih, w_hh, b_ih, b_hh), need, ctx.reset_after,
+                                             grad_out, grad_hT)
+            return (*grads, None, None)
+        has_b_ih, has_b_hh = b_ih is not None and need[4], b_hh is not None and need[5]
+        backward = _backward_impl if _plain(x) and not batched else torch.ops.grulab.gru_backward
+        dx, dh0, dw_ih, dw_hh, db_ih, db_hh = backward(
+            grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, ctx.reset_after, has_b_ih, has_b_hh,
+            need[0], need[1], ctx.kernel)
+        return (dx if need[0] else None, dh0 if need[1] else None,
+                dw_ih if need[2] else None, dw_hh if need[3] else None,
+                db_ih if has_b_ih else None, db_hh if has_b_hh else None, None, None)
+
+
+def _autograd_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
+    if save and torch.is_grad_enabled() and _requires_grad(x, h0, w_ih, w_hh, b_ih, b_hh):
+        out, h_T, *saved = _Layer.apply(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
+        return out, h_T, saved
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.grulab.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel)
+
+
+_lib.impl("gru_forward", _autograd_kernel, "Autograd")
+
+
+def _requires_grad(x, h, w_ih, w_hh, b_ih, b_hh) -> bool:
+    return (x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
+            or (b_ih is not None and b_ih.requires_grad) or (b_hh is not None and b_hh.requires_grad))
 
 
 # ---------------------------------------------------------------------------
@@ -546,44 +602,33 @@ def gru_layer(
     """One layer, one direction: x (T, B, I), h (B, H) -> (out (T, B, H), h_T (B, H)).
 
     Same contract as ``grulab.reference.gru_layer``; differentiable with respect
-    to every tensor argument. ``backend`` ("native" | "torch" | a fused kernel
-    name of :mod:`grulab.kernels`) overrides the automatic choice (tests, benchmarks).
+    to every tensor argument, to any order. ``backend`` ("native" | "torch" | a fused
+    kernel name of :mod:`grulab.kernels`) overrides the automatic choice (tests, benchmarks).
     """
     if x.dim() != 3 or h.dim() != 2:
         raise ValueError(f"gru_layer: expected x (T, B, I) and h (B, H), got {tuple(x.shape)} and {tuple(h.shape)}")
     if x.shape[0] == 0:
-        raise ValueError("gru_layer: empty sequence (T == 0)")
-    if type(x) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        args = _contiguous(x, h, w_ih, w_hh, b_ih, b_hh)
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
-        kernel = _kernel_for(backend, x, reset_after)
-        out, h_T, _ = torch.ops.grulab.gru_forward(*args, reset_after, save, kernel)  # inference saves nothing
-        return out, h_T
-    # Eager: the kernel and its tier looked up once per kind of call where the backend is
-    # named (grulab.GRU names the one autotune chose), since the lookup's Python, run with
-    # cold caches after other work, cost ~0.1 ms a call; GRULAB_KERNEL is read per call otherwise.
+        raise RuntimeError("gru_layer: expected sequence length to be larger than 0, got an empty "
+                           "sequence (x of shape (0, B, I))")
+    if torch._C._are_functorch_transforms_active():  # torch.func: the composable equations
+        return reference.gru_layer(x, h, w_ih, w_hh, b_ih, b_hh, reset_after)
+    # The kernel is looked up once per kind of call where the backend is named (grulab.GRU
+    # names the one autotune chose): the lookup's Python, with cold caches, cost ~0.1 ms.
     key = _call_kind(backend, x, reset_after)
-    found = _eager_layers.get(key) if backend is not None else None
-    if found is None:
+    kernel = _eager_layers.get(key) if backend is not None else None
+    if kernel is None:
         kernel = _kernel_for(backend, x, reset_after)
-        found = (kernel, *_tier(kernel))
         if backend is not None:
-            _eager_layers[key] = found
-    kernel, tier, extra = found
-    save = torch.is_grad_enabled() and (
-        x.requires_grad or h.requires_grad or w_ih.requires_grad or w_hh.requires_grad
-        or (b_ih is not None and b_ih.requires_grad) or (b_hh is not None and b_hh.requires_grad))
-    if save and tier is _NativeTier:  # the C++ side makes its own contiguous copies
-        return _NativeTier.train(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
-    args = _contiguous(x, h, w_ih, w_hh, b_ih, b_hh)
-    if save:
-        return _EagerLayer.apply(*args, reset_after, kernel)
-    out, h_T, _ = tier.forward(*args, reset_after, False, *extra)
+            _eager_layers[key] = kernel
+    save = torch.is_grad_enabled() and _requires_grad(x, h, w_ih, w_hh, b_ih, b_hh)
+    if type(x) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        out, h_T, _ = torch.ops.grulab.gru_forward(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel)
+        return out, h_T
+    if save:  # what the operator's Autograd kernel would run
+        out, h_T, *_ = _Layer.apply(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
+        return out, h_T
+    out, h_T, _ = _forward_impl(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, False, kernel)
     return out, h_T
-
-
-def _contiguous(*tensors):
-    return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
 def _call_kind(backend: Optional[str], x: Tensor, reset_after: bool) -> tuple:
@@ -592,8 +637,8 @@ def _call_kind(backend: Optional[str], x: Tensor, reset_after: bool) -> tuple:
     return (backend, x.dtype, reset_after) if x.is_cpu else (backend, x.device.type, x.dtype, reset_after)
 
 
-_eager_layers: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (kernel, tier, extra args)
-_eager_steps: dict[tuple, tuple] = {}  # (backend, device, dtype, reset_after) -> (function, extra args)
+_eager_layers: dict[tuple, str] = {}  # (backend, device, dtype, reset_after) -> kernel
+_eager_steps: dict[tuple, str] = {}  # (backend, device, dtype, reset_after) -> kernel
 
 
 def gru_step(
@@ -609,24 +654,21 @@ def gru_step(
 ) -> Tensor:
     """One step for generation: x (B, I), h (B, H) -> h' (B, H).
 
-    Meant for ``torch.no_grad()`` decoding; if a graph is needed it falls back
-    to the differentiable ``gru_layer`` on a length-1 sequence.
+    Meant for ``torch.no_grad()`` decoding; if a graph is needed it is the
+    differentiable ``gru_layer`` on a length-1 sequence.
     """
-    if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, h, w_ih, w_hh, b_ih, b_hh)):
+    if torch._C._are_functorch_transforms_active():
+        return reference.gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after).h
+    if torch.is_grad_enabled() and _requires_grad(x, h, w_ih, w_hh, b_ih, b_hh):
         return gru_layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, reset_after, backend=backend)[1]
-    if torch.compiler.is_compiling():  # compile / export: the operator, so the graph has one node
+    # Eager generation: a token's step takes ~10 µs, and the dispatcher's Python round trip
+    # about as much again, so the backend function is called directly, its kernel looked up
+    # once per kind of call (GRULAB_KERNEL, which costs a µs to read, at the first step).
+    if type(x) is not Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
         kernel = _kernel_for(backend, x, reset_after)
         return torch.ops.grulab.gru_step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
-    # Eager generation: a token's step takes ~10 µs, and the dispatcher's Python
-    # round trip for a custom op about as much again, so the tier's function is
-    # called directly, looked up once per kind of call (GRULAB_KERNEL, which costs
-    # a µs to read, is read at the first step of each kind).
     key = _call_kind(backend, x, reset_after)
-    step = _eager_steps.get(key)
-    if step is None:
-        tier, extra = _tier(_kernel_for(backend, x, reset_after))
-        fn = native.load().step if tier is _NativeTier else tier.step
-        step = _eager_steps[key] = (fn, extra)
-    return step[0](x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *step[1])
-
+    kernel = _eager_steps.get(key)
+    if kernel is None:
+        kernel = _eager_steps[key] = _kernel_for(backend, x, reset_after)
+    return _step_impl(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)

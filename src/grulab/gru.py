@@ -66,6 +66,19 @@ def _check_stack(input_size, hidden_size, num_layers, dropout) -> None:
         )
 
 
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+
+
+def _check_no_projection(kwargs: dict, cls: str) -> None:
+    """torch.nn.GRU's answer to ``proj_size`` (ValueError); any other unknown keyword a TypeError."""
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    if kwargs:
+        raise TypeError(f"{cls}.__init__() got an unexpected keyword argument {next(iter(kwargs))!r}")
+
+
 def _check_options(reset_after, impl) -> None:
     if not isinstance(reset_after, bool):
         raise TypeError(f"reset_after should be of type bool, got: {type(reset_after).__name__}")
@@ -154,9 +167,13 @@ class GRU(nn.Module):
         *,
         reset_after: bool = True,
         impl: str = "auto",
+        **kwargs,
     ) -> None:
         super().__init__()
+        _check_no_projection(kwargs, "GRU")
         _check_stack(input_size, hidden_size, num_layers, dropout)
+        _check_bool("batch_first", batch_first)
+        _check_bool("bias", bias)
         _check_options(reset_after, impl)
         self.mode = "GRU"
         self.input_size = input_size
@@ -278,6 +295,8 @@ class GRU(nn.Module):
             hx = hx.unsqueeze(1) if hx is not None else None
         elif self.batch_first:
             input = input.transpose(0, 1)  # (T, B, I)
+        if input.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # torch's words
 
         output, h_n = self._run(input, hx, self._kernel(input, hx))
 
@@ -405,8 +424,9 @@ class GRUCell(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
+        _check_int("input_size", input_size, 0)  # torch.nn.GRUCell takes 0 (an empty state or input)
+        _check_int("hidden_size", hidden_size, 0)
+        _check_bool("bias", bias)
         _check_options(reset_after, impl)
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -425,7 +445,7 @@ class GRUCell(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
 
@@ -465,10 +485,12 @@ class GRUCell(nn.Module):
             raise RuntimeError(
                 f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}"
             )
-        if input.dtype != self.weight_ih.dtype:
-            raise ValueError(
-                f"GRUCell input dtype ({input.dtype}) does not match weight dtype "
-                f"({self.weight_ih.dtype}). Convert input: input.to({self.weight_ih.dtype})"
+        if input.dtype != self.weight_ih.dtype or hx.dtype != self.weight_ih.dtype:
+            # torch.nn.GRUCell's matrix product raises a RuntimeError here: same type, our words
+            raise RuntimeError(
+                f"GRUCell input dtype ({input.dtype}) and hidden dtype ({hx.dtype}) must match "
+                f"weight dtype ({self.weight_ih.dtype}). Convert input: input.to({self.weight_ih.dtype}), "
+                f"or convert model: model.to({input.dtype})"
             )
         impl = resolve_impl(self.impl, self.reset_after, input.device)
         args = (input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)

@@ -53,7 +53,6 @@ class _State:
     recent: dict[int, deque] = field(default_factory=dict)
     interval: int = FIRST_PROBE
     countdown: int = FIRST_PROBE
-    pending: Optional[tuple[int, torch.Tensor]] = None  # later(): (count, timing) of the last call
     best: float = float("inf")  # the lowest median of the count in use since it became the one in use
 
     def median(self, n: int) -> float:
@@ -200,33 +199,6 @@ def timed(key: tuple, call):
     result = call(threads)
     record(key, threads, time.perf_counter() - t0)
     return result
-
-
-def later(key: tuple, call):
-    """Run ``call(threads) -> (*results, timing)`` with the governor's count for ``key``, where
-    ``timing`` (float64: [forward seconds, backward seconds]) is filled in by the call and,
-    when autograd reaches it, by its backward (a native training step: csrc/autograd.cpp,
-    one count for both). The step's time is recorded at the next call of this shape, if its
-    backward has run by then; a step without a backward does not count. Returns ``results``.
-    (Written for few Python steps: it runs once per training step, often with cold caches.)"""
-    n = _torch_count()
-    if n == 0:
-        return call(0)[:-1]
-    with _lock:
-        state = _states.get(key)
-        previous = state.pending if state is not None else None
-        if previous is not None:
-            state.pending = None
-            forward_s, backward_s = previous[1].tolist()
-            if backward_s > 0:
-                _record(key, previous[0], forward_s + backward_s)
-            else:  # no backward (a forward with grad enabled, then dropped): not counted
-                state.countdown += 1
-        threads = _choose(key, n)
-        state = _states[key]
-    *results, timing = call(threads)
-    state.pending = (threads, timing)  # one attribute store, atomic under the GIL
-    return results
 
 
 def forget() -> None:

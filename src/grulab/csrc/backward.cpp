@@ -79,18 +79,36 @@ constexpr int64_t kNarrowDwIhMaxI = 64;  // dW_ih by our narrow tile up to this 
 // Returns [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] (undefined -> None where not needed).
 // chunk: steps per chunk of the time loop (0: chunk_steps' choice; tests pass small ones).
 std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
-                                 const std::optional<Tensor>& grad_hT_, const Tensor& x,
+                                 const std::optional<Tensor>& grad_hT_, const Tensor& x_,
                                  const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
-                                 const Tensor& out, const Tensor& saved, bool reset_after,
+                                 const Tensor& out_, const Tensor& saved_, bool reset_after,
                                  bool has_b_ih, bool has_b_hh, bool need_x, bool need_h0,
                                  const std::string& isa, int64_t threads, int64_t chunk) {
   const IsaOps& ops = ops_for(isa);
   const BlasThreads blas_threads(threads);
+  TORCH_CHECK(x_.dim() == 3 && h0.dim() == 2 && x_.size(0) > 0,
+              "grulab native GRU backward: x must be (T, B, I) with T > 0 and h0 (B, H)");
+  check_native_args(x_, h0, w_ih, w_hh, std::nullopt, std::nullopt);
+  // Every pointer below is read with the contiguous strides: x as (T*B, I) rows by the dW_ih
+  // tile and the GEMMs (a view sliced in its last dimension has rows of another length),
+  // out and saved by the time loop. A contiguous tensor is not copied.
+  const Tensor x = x_.contiguous(), out = out_.contiguous(), saved = saved_.contiguous();
   const int64_t Tn = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({Tn, B, H}) && saved.size(0) == Tn && saved.size(1) == B &&
+              saved.size(2) == 4 * H && out.scalar_type() == x.scalar_type() &&
+              saved.scalar_type() == x.scalar_type(),
+              "grulab native GRU backward: out must be (T, B, H) and saved (T, B, 4H) of x's dtype, got ",
+              out.sizes(), " and ", saved.sizes());
   TORCH_CHECK(chunk >= 0, "grulab native GRU: chunk must be >= 0 (0: chosen by size), got ", chunk);
   const auto opts = x.options();
   // A gradient that is the same at every step (stride 0 over time: out.sum()'s, or none at
   // all) is passed as one (1, B, H) slice that the loop reads at every step (go_step = 0).
+  TORCH_CHECK(!grad_out_ || (grad_out_->sizes() == at::IntArrayRef({Tn, B, H}) &&
+                             grad_out_->scalar_type() == x.scalar_type()),
+              "grulab native GRU backward: grad_out must be (T, B, H) of x's dtype, got ", grad_out_->sizes());
+  TORCH_CHECK(!grad_hT_ || (grad_hT_->sizes() == at::IntArrayRef({B, H}) &&
+                            grad_hT_->scalar_type() == x.scalar_type()),
+              "grulab native GRU backward: grad_hT must be (B, H) of x's dtype, got ", grad_hT_->sizes());
   const Tensor grad_out = !grad_out_                  ? at::zeros({1, B, H}, opts)
                           : grad_out_->stride(0) == 0 ? grad_out_->narrow(0, 0, 1).contiguous()
                                                       : grad_out_->contiguous();

@@ -1,6 +1,6 @@
 // Python bindings of the native GRU (module grulab._native). The torch
-// operators (torch.ops.grulab.*) that wrap these, with their fake and autograd
-// formulas, are registered in Python: src/grulab/fused.py.
+// operators (torch.ops.grulab.*) whose backend runs these, with their fake
+// implementations and autograd formula, are registered in Python: src/grulab/fused.py.
 #include <torch/extension.h>
 
 #include "native.h"
@@ -8,8 +8,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &grulab::gru_forward, "GRU layer forward (native)");
   m.def("backward", &grulab::gru_backward, "GRU layer backward through time (native)");
-  m.def("layer_train", &grulab::gru_layer_train,
-        "GRU layer forward whose output's grad_fn runs the native backward (C++ autograd function)");
   m.def("step", &grulab::gru_step, "single GRU step (native)");
   m.def("release_scratch", &grulab::release_scratch, "free the calling thread's kept scratch buffers");
   m.def("cpu_supports", [](const std::string& isa) { return grulab::cpu_supports(isa.c_str()); },

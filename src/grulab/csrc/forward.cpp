@@ -27,6 +27,8 @@ void check_native_args(const Tensor& x, const Tensor& h, const Tensor& w_ih, con
                 ", expected ", shape);
   };
   check(x, "x", x.sizes());
+  TORCH_CHECK(x.size(-2) > 0 && I > 0 && H > 0, "grulab native GRU: batch, input and hidden sizes must be "
+              "positive, got x ", x.sizes(), " and h ", h.sizes(), " (grulab.fused runs zero sizes on fused-torch)");
   check(h, "h", {x.size(-2), H});
   check(w_ih, "w_ih", {3 * H, I});
   check(w_hh, "w_hh", {3 * H, H});

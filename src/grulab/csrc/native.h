@@ -110,6 +110,9 @@ inline void gemm(const Tensor& A, const Tensor& B, Tensor& C, double beta) {
   }
 }
 
+// Checks every argument (CPU, one floating dtype, shapes, no zero size: the loops divide by
+// the batch; grulab.fused runs zero sizes on its torch tier). Any strided layout is accepted:
+// the glue copies what is not contiguous (a contiguous tensor costs nothing).
 void check_native_args(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
                        const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh);
 
@@ -120,12 +123,6 @@ std::vector<Tensor> gru_forward(const Tensor& x, const Tensor& h0, const Tensor&
 Tensor gru_step(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
                 const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh,
                 bool reset_after, const std::string& isa);
-// Eager training (autograd.cpp): [out, h_T, timing]; out's grad_fn is the native backward in
-// C++; timing (float64) gets the seconds of the forward, then of the backward when it has run.
-std::vector<Tensor> gru_layer_train(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
-                                    const Tensor& w_hh, const std::optional<Tensor>& b_ih,
-                                    const std::optional<Tensor>& b_hh, bool reset_after,
-                                    const std::string& isa, int64_t threads);
 std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out,
                                  const std::optional<Tensor>& grad_hT, const Tensor& x,
                                  const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
