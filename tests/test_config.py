@@ -158,6 +158,10 @@ def test_every_default_shown_in_help_is_the_default_used(command, capsys, monkey
         used = getattr(config, action.dest) if action.default is argparse.SUPPRESS else getattr(args, action.dest)
         if used is None or used == []:
             assert shown[key] and shown[key] != "None", key  # said in words
+        elif isinstance(action, argparse.BooleanOptionalAction):  # --flag / --no-flag: is the flag's state on
+            on = used == getattr(action, "sets", True)  # (--reset-before sets reset_after to False)
+            assert shown[key] == ("on" if on else "off"), f"{command} {key}: --help says {shown[key]!r}, uses {used!r}"
+            checked += 1
         else:
             assert shown[key] == str(used), f"{command} {key}: --help says {shown[key]!r}, the command uses {used!r}"
             checked += 1
@@ -177,8 +181,9 @@ def test_help_of_switches_says_what_they_do(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--no-progress hide the progress bar" in out and "turn off" not in out
-    assert "--reset-before GRU: the notes' form" in out
+    assert "--progress, --no-progress show a progress bar (default: on)" in out and "turn off" not in out
+    assert "--reset-before, --no-reset-before GRU: the d2l PyTorch notes' form" in out
+    assert "off: PyTorch's reset-after form" in out and "--d2l-text, --no-d2l-text" in out
 
 
 # ---------------------------------------------------------------------------

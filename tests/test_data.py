@@ -25,9 +25,12 @@ from grulab.data import (
     Vocab,
     build_dataset,
     d2l_preprocess,
+    d2l_zh_preprocess,
     download_timemachine,
     load_corpus,
     min_tokens,
+    notes_preprocess,
+    notes_rule,
     num_batches,
     random_batches,
     sequential_batches,
@@ -439,5 +442,19 @@ def test_build_dataset_d2l_and_word(tmp_path):
     assert ds.vocab.decode(ds.train_ids) == "the time machine by h g wells the time traveller"
     ds = build_dataset(str(p), level="word", min_freq=2, val_fraction=0)
     assert ds.vocab.idx_to_token == [UNK, "The", "Time", "."]
-    with pytest.raises(GrulabError, match="d2l"):
-        build_dataset("tang300", d2l=True)
+    # Chinese text: the d2l MXNet notes' rule (newlines become spaces), not the letters-only one
+    ds = build_dataset("tang300", d2l=True, val_fraction=0)
+    assert ds.rule == "newlines" and ds.vocab.decode(ds.train_ids[:12]) == "《感遇・其一》 作者：张"
+    assert build_dataset("austen", d2l=True).rule == "letters"
+
+
+def test_the_notes_rule_fits_the_script():
+    """The d2l PyTorch notes' letters-only rule for Latin text, the d2l MXNet notes' newline rule for any other."""
+    assert notes_rule("The Time Machine, 1895\n") == "letters"
+    assert notes_rule("Déjà vu, naïve café") == "letters"  # most letters A-Z
+    assert notes_rule("床前明月光，疑是地上霜。\nChapter 1\n") == "newlines"
+    assert notes_rule("Война и мир") == "newlines"  # letters-only would leave nothing
+    assert notes_rule("1234 ...") == "newlines"  # no letters: keep everything
+    assert notes_preprocess("分开\n不分开\r战争中部队") == ("分开 不分开 战争中部队", "newlines")
+    assert d2l_zh_preprocess("a\nB\rc,") == "a B c,"  # nothing else changes, unlike the letters-only rule
+    assert notes_preprocess("The Time,\nMachine!") == ("the time machine", "letters")

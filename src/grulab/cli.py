@@ -32,6 +32,38 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+class _Switch(argparse.BooleanOptionalAction):
+    """A boolean flag with its ``--no-`` form (``--d2l-text`` / ``--no-d2l-text``), so that a value a
+    preset turned on can be turned off again.
+
+    ``sets`` is the value the flag itself gives: False for a flag named after the off state of its
+    field (``--reset-before`` sets ``reset_after`` to False; ``--no-reset-before`` sets it to True).
+    The help shows the default as on or off, the flag's own state.
+    """
+
+    def __init__(self, option_strings, dest, default=None, sets: bool = True, help=None, **kwargs):
+        if help is not None and default is not None and default is not argparse.SUPPRESS:
+            help += f" (default: {'on' if default == sets else 'off'})"
+        # SUPPRESS here: BooleanOptionalAction would add "(default: False)" to the help on some Pythons
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=help, **kwargs)
+        self.default, self.sets = default, sets
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.option_strings:
+            setattr(namespace, self.dest, self.sets != option_string.startswith("--no-"))
+
+
+def _switch_flag(f) -> tuple[str, bool]:
+    """The positive flag of a boolean config field and the value it sets: ``--progress`` (True) for a
+    field whose flag is written ``--no-progress``, ``--reset-before`` (False) for ``reset_after``."""
+    name = flag(f)
+    if name.startswith("--no-"):
+        return "--" + name[len("--no-"):], True
+    if f.metadata.get("flag") is None:
+        return name, True
+    return name, not f.default  # a flag named after the other state: it flips the field's default
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, defaults: dict, skip: Sequence[str] = ()) -> None:
     """One flag per TrainConfig field, its help, choices and shown default read from the field.
 
@@ -53,9 +85,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults: dict, skip: Seq
         group = groups[f.name in model_fields]
         common = dict(dest=f.name, default=argparse.SUPPRESS)
         text = meta["help"].replace("%", "%%")
-        if isinstance(default, bool):  # a switch away from the default
-            group.add_argument(flag(f), action="store_false" if default else "store_true",
-                               help=(meta["flag_help"] if default else text).replace("%", "%%"), **common)
+        if isinstance(default, bool):  # --flag and --no-flag: a preset's value can be turned either way
+            name, sets = _switch_flag(f)
+            text = meta["flag_help"] if not sets and meta["flag_help"] else meta["help"]
+            group.add_argument(name, action=_Switch, sets=sets, dest=f.name, default=argparse.SUPPRESS,
+                               help=f"{text} (default: {'on' if default == sets else 'off'})".replace("%", "%%"))
             continue
         text += f" (default: {meta['default_help'] or default})"
         if isinstance(default, list):
@@ -90,8 +124,8 @@ def config_from_args(args: argparse.Namespace):
     from .train import TrainConfig, with_preset
 
     with _flag_errors():
-        config = with_preset(replace(TrainConfig(), **args.config_defaults), getattr(args, "preset", None))
-        return replace(config, **_given(args, TrainConfig))
+        return with_preset(replace(TrainConfig(), **args.config_defaults), getattr(args, "preset", None),
+                           _given(args, TrainConfig))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -181,14 +215,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from . import checkpoint
-    from .data import d2l_preprocess, encode_warning, load_corpus, tokenize
+    from .data import encode_warning, load_corpus, tokenize
     from .train import evaluate
     from .validate import finite_perplexity
 
     ckpt = checkpoint.load(Path(args.dir))
-    text = load_corpus(args.textfile)
-    if ckpt.train.get("d2l_text"):
-        text = d2l_preprocess(text)
+    text = _as_trained(ckpt, load_corpus(args.textfile))
     tokens = tokenize(text, ckpt.vocab.level)
     ids = torch.tensor(encode_warning(ckpt.vocab, tokens, args.textfile), dtype=torch.long)
     if len(tokens) < 2:
@@ -203,12 +235,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _as_trained(ckpt, text: str) -> str:
+    """``text`` cleaned as the model's training text was (--d2l-text): by the notes' rule that fits the
+    script of the model's vocabulary, so that an English model reads any text with its letters-only rule."""
+    if not ckpt.train.get("d2l_text"):
+        return text
+    from .data import NOTES_RULES, UNK, notes_rule
+
+    return NOTES_RULES[notes_rule("".join(t for t in ckpt.vocab.idx_to_token if t != UNK))](text)
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     from . import checkpoint, viz
     from .data import load_corpus
 
     text = args.text if args.text is not None else load_corpus(args.file)
     ckpt = checkpoint.load(Path(args.dir))
+    text = _as_trained(ckpt, text)
     path = viz.render(ckpt.model, ckpt.vocab, text, Path(args.out))
     print(f"wrote {path}")
     return 0
@@ -356,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity and bits per token of a text")
     p.add_argument("dir", help="run directory (the --out of grulab train)")
     p.add_argument("textfile", help="a UTF-8 text file (or a bundled corpus name)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: perplexity, bits_per_token, tokens")
+    p.add_argument("--json", action=_Switch, default=False, help="print one JSON object: perplexity, bits_per_token, "
+                   "tokens")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="train the cells under equal conditions, or sweep a hyperparameter")
@@ -390,8 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="tensor dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="device type (default: cpu)")
-    p.add_argument("--reset-before", action="store_true", help="ask for the notes' reset-before cell (default: reset-after)")
-    p.add_argument("--forget", action="store_true", help="delete this machine's measured choices of impl='auto' "
+    p.add_argument("--reset-before", action=_Switch, default=False, help="ask for the notes' reset-before cell "
+                   "(off: PyTorch's reset-after cell)")
+    p.add_argument("--forget", action=_Switch, default=False, help="delete this machine's measured choices of impl='auto' "
                    "first, so the next call of each shape measures again (e.g. after they were made on a busy machine)")
     p.set_defaults(func=cmd_kernels)
     from .onnx_cli import add_commands

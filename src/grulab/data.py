@@ -3,7 +3,7 @@
 From text to training batches in four steps::
 
     text = load_corpus("austen")                  # a bundled name, "timemachine", or a path
-    tokens = tokenize(text, level="char")         # or d2l_preprocess(text) first, as d2l does
+    tokens = tokenize(text, level="char")         # or notes_preprocess(text)[0] first, as the notes do
     vocab = Vocab(tokens, min_freq=0, level="char")
     ids = torch.tensor(vocab.encode(tokens))      # 1-D int64 token ids
     train, val = split_train_val(ids, 0.1)        # the tail is held out
@@ -57,13 +57,17 @@ __all__ = [
     "Vocab",
     "build_dataset",
     "check_sampling",
+    "NOTES_RULES",
     "d2l_preprocess",
+    "d2l_zh_preprocess",
     "default_cache_dir",
     "download_timemachine",
     "encode_prefix",
     "encode_warning",
     "load_corpus",
     "min_tokens",
+    "notes_preprocess",
+    "notes_rule",
     "num_batches",
     "random_batches",
     "sequential_batches",
@@ -293,7 +297,7 @@ def tokenize(text: str, level: str = "char") -> list[str]:
 
 
 def d2l_preprocess(text: str) -> str:
-    """d2l's ``read_time_machine`` cleaning: letters only, lower case.
+    """The d2l PyTorch notes' ``read_time_machine`` cleaning: letters only, lower case.
 
     Each line becomes ``re.sub('[^A-Za-z]+', ' ', line).strip().lower()``.
     The non-empty lines are then joined with a single space (d2l glues them
@@ -303,6 +307,37 @@ def d2l_preprocess(text: str) -> str:
     """
     lines = (re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in text.splitlines())
     return " ".join(line for line in lines if line)
+
+
+def d2l_zh_preprocess(text: str) -> str:
+    """The d2l MXNet notes' cleaning of their Chinese lyrics: every newline (and carriage return)
+    becomes a space, everything else is kept: ``text.replace('\\n', ' ').replace('\\r', ' ')``."""
+    return text.replace("\n", " ").replace("\r", " ")
+
+
+#: The notes' two text cleanings, by the name :func:`notes_rule` gives them.
+NOTES_RULES = {
+    "letters": d2l_preprocess,  # the PyTorch notes (the Time Machine): a-z and spaces only
+    "newlines": d2l_zh_preprocess,  # the MXNet notes (Chinese lyrics): newlines become spaces
+}
+
+_LATIN_LETTER = re.compile("[A-Za-z]")
+_LETTER = re.compile(r"[^\W\d_]")  # any script's letters, Chinese characters included
+
+
+def notes_rule(text: str) -> str:
+    """Which of the notes' cleanings fits the script of ``text``: ``"letters"`` (the d2l PyTorch
+    notes' rule for the Time Machine) when most of its letters are A-Z or a-z, else ``"newlines"``
+    (the d2l MXNet notes' rule for their Chinese lyrics; it keeps every character, so it fits
+    Chinese and any other script). A text with no letters at all gets ``"newlines"``."""
+    latin, letters = len(_LATIN_LETTER.findall(text)), len(_LETTER.findall(text))
+    return "letters" if letters and 2 * latin > letters else "newlines"
+
+
+def notes_preprocess(text: str) -> tuple[str, str]:
+    """``text`` cleaned by the notes' rule that fits its script (:func:`notes_rule`), and the rule's name."""
+    rule = notes_rule(text)
+    return NOTES_RULES[rule](text), rule
 
 
 # ---------------------------------------------------------------------------
@@ -681,6 +716,7 @@ class Dataset:
     train_ids: torch.Tensor  # 1-D int64 token ids, the head of the corpus
     val_ids: torch.Tensor  # 1-D int64 token ids, the tail of the corpus (may be empty)
     name: str  # the corpus name or path as given, for messages and run metadata
+    rule: Optional[str] = None  # the notes' cleaning applied (NOTES_RULES), None without d2l
 
 
 def build_dataset(
@@ -691,8 +727,11 @@ def build_dataset(
     val_fraction: float = 0.1,
     max_tokens: int = 0,
 ) -> Dataset:
-    """Load ``corpus`` (a name or path), optionally d2l-preprocess it, tokenize it,
+    """Load ``corpus`` (a name or path), optionally clean it as the notes do, tokenize it,
     build the vocabulary and split the ids into train and validation.
+
+    ``d2l``: the notes' cleaning that fits the corpus' script (:func:`notes_preprocess`): the d2l
+    PyTorch notes' letters-only rule for Latin text, the d2l MXNet notes' newline rule otherwise.
 
     The vocabulary is built from the whole text so a split alone never makes
     validation tokens unknown. ``max_tokens`` > 0 trains on the first that many
@@ -703,12 +742,13 @@ def build_dataset(
 
     _check_level(level)
     text = load_corpus(corpus)
+    rule = None
     if d2l:
-        text = d2l_preprocess(text)
-        if not text:
+        text, rule = notes_preprocess(text)
+        if not text.strip():
             raise GrulabError(
-                f"corpus {corpus!r} has no letters A-Z left after d2l preprocessing; "
-                f"drop --d2l for non-English text"
+                f"corpus {corpus!r} has nothing left after the notes' text cleaning ({rule} rule); "
+                f"train on it without it: --no-d2l-text"
             )
     tokens = tokenize(text, level)
     if not tokens:
@@ -718,4 +758,4 @@ def build_dataset(
     train_ids, val_ids = split_train_val(ids, val_fraction)
     if max_tokens:
         train_ids = train_ids[:max_tokens]
-    return Dataset(vocab=vocab, train_ids=train_ids, val_ids=val_ids, name=str(corpus))
+    return Dataset(vocab=vocab, train_ids=train_ids, val_ids=val_ids, name=str(corpus), rule=rule)

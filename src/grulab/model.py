@@ -102,8 +102,9 @@ class ModelArgs(Config):
     embed: int = option(64, "embedding width; 0 = one-hot input as in the notes", rule=up_to(COUNT, 65536))
     reset_after: bool = option(
         True, "GRU: reset gate after the recurrent matrix product (PyTorch, cuDNN); False = the notes' form",
-        flag="--reset-before", flag_help="GRU: the notes' form, the reset gate before the matrix product: "
-        "H̃ = tanh(X W_xh + (R ⊙ H) W_hh + b_h) (default: PyTorch's reset-after form)")
+        flag="--reset-before", flag_help="GRU: the d2l PyTorch notes' form, the reset gate before the matrix "
+        "product: H̃ = tanh(X W_xh + (R ⊙ H) W_hh + b_h); off: PyTorch's reset-after form, "
+        "H̃ = tanh(X W_xh + b_xh + R ⊙ (H W_hh + b_hh))")
     impl: str = option("auto", "GRU kernel: auto (fused on CPU), fused, torch (torch.nn.GRU's, reset-after only) "
                        "or reference (the notes' equations)", choices=IMPLS)
     init: str = option("torch", "parameter init: torch (U(−1/√H, 1/√H)) or d2l (the notes: N(0, 0.01²) weights, "

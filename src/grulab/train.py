@@ -27,7 +27,8 @@ from torch import Tensor
 
 from . import checkpoint, native, plots, rundir, threads
 from .config import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, option, up_to
-from .data import CORPORA, LEVELS, SAMPLERS, Dataset, build_dataset, min_tokens, num_batches
+from .data import (CORPORA, LEVELS, SAMPLERS, Dataset, build_dataset, load_corpus, min_tokens, notes_rule,
+                   num_batches)
 from .distributed import Dist, current, mark_job, talking
 from .errors import ConfigError, GrulabError, UsageError
 from .model import LanguageModel, ModelArgs, ModelConfig, State, count_parameters, detach_state
@@ -35,6 +36,7 @@ from .signals import StopOnSignal, Stopped
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
+LOSSES = ("mean", "sum")
 METRICS = checkpoint.METRICS
 # Adam's float32 step, lr / (1 - beta1), overflows past ~3e37
 LEARNING_RATE = up_to(POSITIVE, 1e30)
@@ -49,7 +51,9 @@ class TrainConfig(ModelArgs):
     corpus: str = option("austen", f"a bundled corpus name ({', '.join(CORPORA)}) or the path of a UTF-8 text file")
     level: str = option("char", "tokens: characters, or words and punctuation", choices=LEVELS)
     min_freq: int = option(0, "tokens seen fewer times become <unk>", rule=COUNT)
-    d2l_text: bool = option(False, "the d2l preprocessing: lower case, letters only")
+    d2l_text: bool = option(False, "clean the text as the notes do, by the corpus' script: Latin text as the d2l "
+                            "PyTorch notes clean the Time Machine (lower case, letters A-Z only), any other (Chinese) "
+                            "as the d2l MXNet notes clean their lyrics (newlines become spaces)")
     val_fraction: float = option(0.1, "the tail of the corpus held out for validation; 0 = none: the reports "
                                  "show training perplexity only, and divergence is judged on the training loss",
                                  rule=FRACTION)
@@ -66,6 +70,9 @@ class TrainConfig(ModelArgs):
     schedule: str = option("cosine", "cosine (warm-up, then decay to lr/10 over the budget) or constant",
                            choices=SCHEDULES)
     clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", rule=NON_NEGATIVE)
+    loss: str = option("mean", "the loss the gradient is taken of: the mean over the batch's tokens, or their sum, "
+                       "as in the d2l MXNet notes (loss.backward() on the per-token losses): a gradient batch size × "
+                       "num steps times larger, which --clip and --lr then act on", choices=LOSSES)
     # budget: training stops at whichever ends first
     epochs: int = option(0, "passes over the training text (0 = until --max-minutes); with both, whichever "
                          "ends first", rule=COUNT, resumable=True)
@@ -74,7 +81,8 @@ class TrainConfig(ModelArgs):
     # run
     seed: int = option(0, "seeds the model init, the batches and dropout", rule=SEED)
     out: str = option("runs/latest", "run directory: checkpoint/, metrics.jsonl, perplexity.png; one run at a "
-                      "time, and a new run into one that holds a run is refused (see --resume, --overwrite)")
+                      "time, and a new run into one that holds a run is refused: continue it (grulab train --resume) "
+                      "or replace it (--overwrite)")
     resume: bool = option(False, "continue the run in --out where it stopped")
     overwrite: bool = option(False, "replace the run already in --out (its checkpoint and metrics are deleted)")
     checkpoint_every_minutes: float = option(
@@ -86,8 +94,7 @@ class TrainConfig(ModelArgs):
     predict_length: int = option(60, "tokens predicted per prefix", rule=COUNT, resumable=True)
     eval_every: int = option(0, "also evaluate every N batches (0 = at the end of each epoch only)", rule=COUNT,
                              resumable=True)
-    progress: bool = option(True, "show a progress bar", flag="--no-progress", flag_help="hide the progress bar",
-                            resumable=True)
+    progress: bool = option(True, "show a progress bar", resumable=True)
     # processes (torchrun): --batch-size is the global batch, split across the processes
     threads: int = option(0, "compute threads per process (0 = PyTorch's default, or OMP_NUM_THREADS, which "
                           "torchrun sets to 1 when it starts several processes; lowered while another process "
@@ -112,23 +119,49 @@ class Preset:
     values: dict  # the TrainConfig fields it sets
 
 
+#: The notes' prefixes by the rule that fits the corpus' script (grulab.data.notes_rule): the d2l
+#: PyTorch notes' for Latin text, the d2l MXNet notes' for Chinese (and any other script).
+NOTES_PREFIXES = {"letters": ["time traveller", "traveller"], "newlines": ["分开", "不分开", "战争中部队"]}
+
 PRESETS: dict[str, Preset] = {
-    # Seed 004: d2l's get_params and train_ch8(model, train_iter, vocab, lr=1, num_epochs=500) on
-    # load_data_time_machine(32, 35) (sequential batches, the first 10,000 characters).
-    "d2l": Preset("the notes' scratch GRU", dict(
+    # The d2l PyTorch notes: d2l's get_params and train_ch8(model, train_iter, vocab, lr=1, num_epochs=500)
+    # on load_data_time_machine(32, 35) (sequential batches, the first 10,000 characters).
+    "d2l": Preset("the d2l PyTorch notes' scratch GRU (their corpus: --corpus timemachine)", dict(
         cell="gru", reset_after=False, init="d2l", hidden=256, layers=1, embed=0, dropout=0.0,
         level="char", d2l_text=True, max_tokens=10000, batch_size=32, num_steps=35, sampling="sequential",
-        optimizer="sgd", lr=1.0, schedule="constant", clip=1.0, epochs=500, max_minutes=0.0,
-        prefixes=["time traveller", "traveller"], predict_length=50)),
+        optimizer="sgd", lr=1.0, loss="mean", schedule="constant", clip=1.0, epochs=500, max_minutes=0.0,
+        prefixes=NOTES_PREFIXES["letters"], predict_length=50)),
+    # The d2l MXNet notes: their get_params (N(0, 0.01²) weights, one zero bias per gate), gru_rnn
+    # (R multiplies H W_hh after the product: PyTorch's reset-after form with b_hn = 0, which --init d2l
+    # holds at zero) and utils.train_and_predict_rnn(is_random_iter=False, epochs=200, num_steps=35,
+    # hidden_dim=256, learning_rate=0.2, clipping_norm=5, batch_size=32, pred_len=100) on the first
+    # 20,000 characters of their lyrics, whose gradient is the summed loss's (loss.backward() on a vector).
+    "d2l-zh": Preset("the d2l MXNet notes' scratch GRU (their corpus, Chinese lyrics, is not bundled: any Chinese "
+                     "text, tang300 by default)", dict(
+        corpus="tang300", cell="gru", reset_after=True, init="d2l", hidden=256, layers=1, embed=0, dropout=0.0,
+        level="char", d2l_text=True, max_tokens=20000, batch_size=32, num_steps=35, sampling="sequential",
+        optimizer="sgd", lr=0.2, loss="sum", schedule="constant", clip=5.0, epochs=200, max_minutes=0.0,
+        prefixes=NOTES_PREFIXES["newlines"], predict_length=100)),
 }
 
 
-def with_preset(config: TrainConfig, preset: Optional[str]) -> TrainConfig:
+def with_preset(config: TrainConfig, preset: Optional[str], given: Optional[dict] = None) -> TrainConfig:
+    """``config`` with the preset's values, then the ``given`` ones (the flags typed: they win).
+
+    A preset's prefixes are its notes' own; on a corpus of the other script (the d2l preset on
+    Chinese text, d2l-zh on English) the other notes' prefixes, which fit it, take their place,
+    unless ``given`` has prefixes. That reads the corpus.
+    """
+    given = dict(given or {})
     if preset is None:
-        return config
+        return replace(config, **given)
     if preset not in PRESETS:
         raise GrulabError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    return replace(config, **PRESETS[preset].values)
+    values = {k: list(v) if isinstance(v, list) else v for k, v in PRESETS[preset].values.items()}
+    config = replace(config, **{**values, **given})
+    if "prefixes" not in given and config.prefixes in NOTES_PREFIXES.values():
+        config = replace(config, prefixes=list(NOTES_PREFIXES[notes_rule(load_corpus(config.corpus))]))
+    return config
 
 
 def resume_config(out, **changes) -> TrainConfig:
@@ -371,8 +404,10 @@ def log_start(config: TrainConfig, data: Dataset, model: LanguageModel, per_epoc
     from .distributed import threads_note
 
     split = f", {dist.world} processes" if dist.world > 1 else ""
+    cleaned = {None: "", "letters": ", letters only as the d2l PyTorch notes",
+               "newlines": ", newlines as spaces as the d2l MXNet notes"}[data.rule]
     _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
-         f"{config.level} tokens, vocab {len(data.vocab)}), {model.config.describe()}, "
+         f"{config.level} tokens, vocab {len(data.vocab)}{cleaned}), {model.config.describe()}, "
          f"{count_parameters(model):,} parameters, {per_epoch} batches of {config.batch_size}×{config.num_steps} "
          f"per epoch{split}, {threads_note(config.threads)}" + (f", resumed at epoch {resumed_at}" if resumed_at else ""))
 
@@ -422,8 +457,9 @@ def train_step(config: TrainConfig, model: torch.nn.Module, optimizer: torch.opt
     if not math.isfinite(total):
         raise diverged(config, f"epoch {run.epoch + 1}, batch {run.batch + 1}", f"the loss is {total / tokens}")
     optimizer.zero_grad(set_to_none=True)
-    with talking():  # DDP averages the gradients over the processes during the backward
-        (loss_sum * dist.world / tokens).backward()  # so this is the global batch's mean loss
+    with talking():  # DDP averages the gradients over the processes during the backward,
+        # so this is the global batch's mean loss (or, --loss sum, its sum)
+        (loss_sum * dist.world / (tokens if config.loss == "mean" else 1)).backward()
     if config.clip > 0:  # the same averaged gradients on every rank, so the same clipping
         torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.clip)
     optimizer.step()
