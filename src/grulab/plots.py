@@ -7,8 +7,12 @@
 """
 from __future__ import annotations
 
+import functools
+import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -17,14 +21,112 @@ PathLike = Union[str, Path]
 #: The gate heatmap shows at most this many tokens.
 PNG_MAX_TOKENS = 200
 
+#: Fonts with Chinese characters, best first, by the start of their family name. matplotlib falls
+#: back to them, in this order, for every character the figure's own font lacks.
+CJK_FONTS = ("Noto Sans CJK", "Noto Serif CJK", "Noto Sans SC", "Noto Sans TC", "WenQuanYi Micro Hei",
+             "WenQuanYi Zen Hei", "WenQuanYi", "Source Han Sans", "Source Han Serif", "PingFang",
+             "Microsoft YaHei", "SimHei")
+#: How to get one, said in the warning when none is installed.
+CJK_FIX = ("install a CJK font: on Debian or Ubuntu apt-get install fonts-noto-cjk (or the smaller "
+           "fonts-wqy-microhei); elsewhere any of " + ", ".join(dict.fromkeys(
+               ["Noto Sans CJK", "WenQuanYi", "Source Han Sans", "PingFang", "Microsoft YaHei", "SimHei"])))
+# font files of CJK_FONTS, to find one installed after matplotlib cached its list of fonts
+_CJK_FILE = re.compile(r"wqy|wenquanyi|notosanscjk|notoserifcjk|notosans(sc|tc)|sourcehan|pingfang|msyh|simhei")
+_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
+
+
+def _rank(names) -> list[str]:
+    """The CJK font families among ``names``, in the order of :data:`CJK_FONTS` (Simplified first)."""
+    found = []
+    for start in CJK_FONTS:
+        found += sorted((n for n in names if n.startswith(start) and n not in found and "Mono" not in n),
+                        key=lambda n: (" SC" not in n and not n.endswith("SC"), n))
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def cjk_fonts() -> tuple[str, ...]:
+    """The font families with Chinese characters that matplotlib can use here, best first; empty
+    when there is none. A font installed after matplotlib cached its list of fonts is found on disk
+    (once per process) and added."""
+    from matplotlib import font_manager
+
+    found = _rank({f.name for f in font_manager.fontManager.ttflist})
+    if not found:
+        for path in font_manager.findSystemFonts():
+            if _CJK_FILE.search(Path(path).name.lower().replace("-", "").replace("_", "")):
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):  # a file FreeType cannot read: skip it
+                    continue
+        found = _rank({f.name for f in font_manager.fontManager.ttflist})
+    return tuple(found)
+
+
+def use_cjk_fonts() -> tuple[str, ...]:
+    """Append the CJK fonts found (:func:`cjk_fonts`) to matplotlib's ``font.family``, so that every
+    figure drawn in this process shows Chinese, whatever its own font; returns them."""
+    import matplotlib
+
+    fonts = cjk_fonts()
+    family = matplotlib.rcParams["font.family"]
+    family = [family] if isinstance(family, str) else list(family)
+    matplotlib.rcParams["font.family"] = family + [f for f in fonts if f not in family]
+    return fonts
+
+
+def with_cjk(family: str) -> list[str]:
+    """A font family for a text drawn in its own font ("monospace"), with the CJK fonts to fall back on."""
+    return [family, *cjk_fonts()]
+
+
+_missing_told = False  # the missing-glyph warning is given once per process
+
+
+@contextmanager
+def one_glyph_warning() -> Iterator[None]:
+    """Inside, matplotlib's warning per character no font has ("Glyph 24202 missing from font(s)
+    DejaVu Sans", one line each) is gathered into one warning that names the fix (:data:`CJK_FIX`),
+    given once per process. Other warnings pass on."""
+    global _missing_told
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing = []
+    for w in caught:
+        m = _GLYPH.search(str(w.message))
+        if m:
+            missing.append(chr(int(m.group(1))))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    missing = list(dict.fromkeys(missing))
+    if missing and not _missing_told:
+        _missing_told = True
+        shown = " ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
+        cause = ("no installed font has them" if cjk_fonts() else
+                 "matplotlib found no font with Chinese characters")
+        warnings.warn(f"{len(missing)} character(s) of the figure show as empty boxes ({shown}): {cause}; "
+                      f"{CJK_FIX}", stacklevel=3)
+
+
+def _figure(draw):
+    """A figure function, run with the CJK fonts and the one missing-glyph warning."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with one_glyph_warning():
+            return draw(*args, **kwargs)
+    return wrapper
+
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    """matplotlib.pyplot on the Agg backend (no display needed), with the CJK fonts found here as
+    fallbacks for characters the figure's font lacks (:func:`use_cjk_fonts`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    use_cjk_fonts()
     return plt
 
 
@@ -41,6 +143,7 @@ def perplexity_axis(ax, xlabel: str, ylabel: str) -> None:
     ax.legend()
 
 
+@_figure
 def perplexity_curve(rows: list[dict], png_path: PathLike) -> Optional[Path]:
     """Training and validation perplexity against epoch (rows of metrics.jsonl), as a PNG."""
     if not rows:
@@ -56,17 +159,24 @@ def perplexity_curve(rows: list[dict], png_path: PathLike) -> Optional[Path]:
     return Path(png_path)
 
 
-def compare_curves(results: list[dict], path: PathLike) -> Path:
-    """Validation perplexity of every run of ``grulab compare``, against epoch and against wall time."""
+@_figure
+def compare_curves(results: list[dict], path: PathLike, *, title: str = "validation perplexity",
+                   xlabels: tuple[str, str] = ("epoch", "wall time (s)"), ylabel: str = "validation perplexity",
+                   names: Optional[dict] = None) -> Path:
+    """Validation perplexity of every run of ``grulab compare``, against epoch and against wall time.
+
+    ``title``, ``xlabels``, ``ylabel`` and ``names`` (run -> its name in the legend) say it in another
+    language, e.g. Chinese: every figure falls back on the CJK fonts found (:func:`cjk_fonts`)."""
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = names or {}
     for r in results:
-        rows = r["rows"]
-        a.plot([x["epoch"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
-        b.plot([x["elapsed"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=r["run"])
-    perplexity_axis(a, "epoch", "validation perplexity")
-    perplexity_axis(b, "wall time (s)", "validation perplexity")
-    fig.suptitle("validation perplexity")
+        rows, name = r["rows"], names.get(r["run"], r["run"])
+        a.plot([x["epoch"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=name)
+        b.plot([x["elapsed"] for x in rows], [x["val_ppl"] for x in rows], marker="o", label=name)
+    perplexity_axis(a, xlabels[0], ylabel)
+    perplexity_axis(b, xlabels[1], ylabel)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -75,9 +185,29 @@ def compare_curves(results: list[dict], path: PathLike) -> Path:
 
 def _visible(token: str) -> str:
     """A token as it should appear on an axis: whitespace made visible."""
-    return {"\n": "⏎", " ": "␣", "\t": "⇥", "\r": "␍", "": "∅"}.get(token, token)
+    return {"\n": "⏎", " ": "␣", "\t": "⇥", "\r": "\\r", "": "∅"}.get(token, token)
 
 
+#: Widest the heatmap gets (inches), and the room one time-axis label needs at font size 8 (inches):
+#: a character's, or a rotated word's line height.
+HEATMAP_MAX_WIDTH = 20.0
+LABEL_WIDTH = 0.14
+
+
+def unit_order(z: np.ndarray) -> np.ndarray:
+    """The order the heatmap shows the units in: by their mean update gate over the text, highest
+    first (for a GRU, the units that keep their state the most on top, those that rewrite it at
+    almost every step at the bottom). ``z`` (T, H) -> unit indices (H,); ties keep storage order."""
+    return np.argsort(-np.asarray(z, dtype=np.float64).mean(axis=0), kind="stable")
+
+
+def label_every(T: int, room: float) -> int:
+    """k: label every k-th of T time steps so that the labels fit in ``room`` inches (1: all of them)."""
+    fits = max(1, int(room / LABEL_WIDTH))
+    return max(1, -(-T // fits))
+
+
+@_figure
 def gate_heatmap(
     trace: dict,
     tokens: Sequence[str],
@@ -87,12 +217,16 @@ def gate_heatmap(
     max_tokens: int = PNG_MAX_TOKENS,
     title: Optional[str] = None,
 ) -> Path:
-    """A static heatmap of one layer's gates: z and r (units × time) and their means.
+    """A static heatmap of one layer's gates: z and r (units × time) and their means over the units.
 
-    A minGRU trace (``trace["z_writes"]``) has z only, and its z ≈ 1 writes the
-    candidate: its colour map is reversed so that red writes and blue keeps for
-    both cells, and the label says so. Shows the first ``max_tokens`` tokens (noted in the title when the text is
-    longer); the tokens label the time axis when there are at most 100.
+    The units (rows) are sorted by :func:`unit_order`, their mean z over the shown tokens, highest
+    first, the same order in both panels; the y axis names the units by their index in the layer.
+    Every token labels the time axis while the labels fit the figure (its width grows with the text
+    up to :data:`HEATMAP_MAX_WIDTH` inches), then every k-th (the axis says which k). Tokens are drawn
+    in a monospaced font with the CJK fonts found (:func:`cjk_fonts`) to fall back on, so Chinese
+    shows. A minGRU trace (``trace["z_writes"]``) has z only, and its z ≈ 1 writes the candidate:
+    its colour map is reversed so that red writes and blue keeps for both cells, and the label says
+    so. Shows the first ``max_tokens`` tokens (noted in the title when the text is longer).
     """
     plt = pyplot()
     record = trace["layers"][layer]
@@ -101,29 +235,36 @@ def gate_heatmap(
         raise ValueError(f"{T_all} tokens for a trace of {record['z'].shape[0]} steps; they must match")
     T = min(T_all, max_tokens)
     writes = bool(trace.get("z_writes"))
-    z = np.asarray(record["z"])[:T].T  # (H, T)
+    order = unit_order(np.asarray(record["z"])[:T])  # (H,)
+    z = np.asarray(record["z"])[:T].T[order]  # (H, T), rows sorted
     panels = [(z, "RdBu_r", "minGRU update gate z  (red ≈ 1: write the candidate · blue ≈ 0: keep the state; "
                             "the opposite of the GRU's z)") if writes else
               (z, "RdBu", "update gate z  (blue ≈ 1: keep the state · red ≈ 0: rewrite it)")]
     if "r" in record:
-        r = np.asarray(record["r"])[:T].T  # (H, T)
+        r = np.asarray(record["r"])[:T].T[order]  # (H, T), the same rows
         panels.append((r, "PiYG", "reset gate r  (green ≈ 1: use the old state · pink ≈ 0: reset)"))
     H = z.shape[0]
     layer_no = (layer % len(trace["layers"])) + 1
     head = title or ("minGRU gate" if writes else "GRU gates")
     note = f" (first {T} of {T_all} tokens)" if T < T_all else ""
-    width = min(20.0, max(9.0, 0.09 * T + 3.0))
+    shown = [_visible(t) for t in tokens[:T]]
+    wide = max((len(t) for t in shown), default=1) > 2  # words: labels drawn upright, one line each
+    width = min(HEATMAP_MAX_WIDTH, max(9.0, LABEL_WIDTH * T + 2.5))
+    k = label_every(T, width - 2.5)
     n = len(panels)
-    height = 3.0 * n + 2.0  # 3 inches per heatmap, 2 for the means and the title
-    fig = plt.figure(figsize=(width, height))
-    grid = fig.add_gridspec(n + 1, 2, height_ratios=[1] * n + [0.6], width_ratios=[1, 0.012], wspace=0.02)
+    label_room = 0.12 * max(len(t) for t in shown) * 0.75 if wide else 0.0
+    height = 3.0 * n + 2.2 + min(label_room, 1.2)  # 3 inches per heatmap; the means, labels and title
+    fig = plt.figure(figsize=(width, height), layout="constrained")
+    grid = fig.add_gridspec(n + 1, 2, height_ratios=[1] * n + [0.6], width_ratios=[1, 0.012])
     axes = [fig.add_subplot(grid[0, 0])]
     axes += [fig.add_subplot(grid[i, 0], sharex=axes[0]) for i in range(1, n + 1)]
     extent = (-0.5, T - 0.5, H - 0.5, -0.5)
+    rows = np.arange(H)[:: max(1, -(-H // 16))]  # at most 16 unit names per panel
     for row, (values, cmap, label) in enumerate(panels):
         ax = axes[row]
         im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest", extent=extent)
-        ax.set_ylabel("unit")
+        ax.set_ylabel("unit (sorted by mean z ↓)", fontsize=9)
+        ax.set_yticks(rows, [str(u) for u in order[rows]], fontsize=7)
         ax.set_title(label, fontsize=10, loc="left")
         ax.tick_params(labelbottom=False)
         fig.colorbar(im, cax=fig.add_subplot(grid[row, 1]))
@@ -132,23 +273,22 @@ def gate_heatmap(
     if "r" in record:
         means.plot(steps, r.mean(0), color="#2d6e28", lw=1.2, ls="--", label="mean r")
     means.set_ylim(0, 1)
-    means.set_ylabel("mean")
+    means.set_ylabel("mean over units", fontsize=9)
     means.legend(loc="upper right", fontsize=8, frameon=False, ncol=2)
     means.spines[["top", "right"]].set_visible(False)
-    if T <= 100:
-        means.set_xticks(steps)
-        means.set_xticklabels([_visible(t) for t in tokens[:T]], fontsize=8, family="monospace")
-    else:
-        means.set_xlabel("time step")
+    means.set_xlim(-0.5, T - 0.5)
+    means.set_xticks(steps[::k], shown[::k], fontsize=8, family=with_cjk("monospace"),
+                     rotation=90 if wide else 0)
+    means.set_xlabel("token" if k == 1 else f"token (one label every {k} steps: 0, {k}, {2 * k}, …)", fontsize=9)
     fig.suptitle(f"{head}: layer {layer_no} of {len(trace['layers'])}, {H} units{note}", fontsize=12)
-    fig.subplots_adjust(left=0.06, right=0.96, top=1 - 0.7 / height, bottom=0.55 / height, hspace=0.28)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
+    fig.savefig(out_path, dpi=110, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return out_path
 
 
+@_figure
 def catmouse_figure(result: dict, out_path: PathLike) -> Path:
     """Two panels of ``grulab demo cat-mouse``: the GRU's update gate along one sequence, and accuracy
     against distance (``result`` as :func:`grulab.catmouse.run` returns it)."""
