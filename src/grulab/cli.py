@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(compare.SWEEPABLE)} (default: compare the cells)")
     p.add_argument("--target-ppl", type=float, help="report the time each run needs to reach this validation "
                    "perplexity (default: the worst final validation perplexity, which every run reaches)")
+    p.add_argument("--preset", choices=list(PRESETS), help="start every run from a named setting (see grulab train "
+                   "--help); the flags given win, so give --max-minutes or --epochs for runs shorter than the "
+                   "notes' (default: none, the defaults below)")
     _add_config_flags(p, compare.DEFAULTS, skip=("cell", "resume"))
     p.set_defaults(func=cmd_compare, config_defaults=compare.DEFAULTS)
 
