@@ -92,3 +92,27 @@ def test_first_use_build_survives_kill_and_is_keyed_on_the_source(tmp_path):
     third = run(a, cache, timeout=300)  # checkout a after b has been looked at: still no build
     assert third.returncode == 0 and "compiling" not in third.stderr
     assert so.stat().st_mtime_ns == mtime
+
+
+BROKEN = ("import sys, pytest, grulab.native as n\n"
+          "def missing(): raise ModuleNotFoundError('grulab._native')\n"
+          "def no_compiler(reason): raise RuntimeError('no C++ compiler')\n"
+          "n._import_installed, n._jit_build = missing, no_compiler\n"
+          "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1]]))\n")
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_ci_fails_without_the_native_kernel(ci, tmp_path):
+    """Under CI=true on x86-64 a missing native build ends the suite with an error instead of
+    letting every native test skip; without CI it stays a warning and the tests run."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the native kernel is required on x86-64 only")
+    test = Path(__file__).with_name("test_gru.py")
+    env = {**os.environ, "CI": ci}
+    proc = subprocess.run([sys.executable, "-c", BROKEN, f"{test}::test_state_dict_interchange_both_ways"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if ci:
+        assert proc.returncode == 3, proc.stdout[-2000:]
+        assert "the native GRU kernel is missing" in proc.stdout + proc.stderr
+    else:
+        assert proc.returncode in (0, 5), proc.stdout[-2000:]  # ran (or found nothing): not stopped

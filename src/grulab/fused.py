@@ -416,6 +416,9 @@ def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
 
 _functorch = torch._C._functorch
 _lib = torch.library.Library("grulab", "DEF")
+# gru_forward -> (out (T, B, H), h_T (B, H), saved): ``saved`` is what gru_backward needs (the
+# gates of every step) when ``save`` is set, as the backend returns it; through the autograd
+# formula it is [] (the formula keeps it for its backward, where only it can reach it).
 _lib.define("gru_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
             "bool reset_after, bool save, str kernel) -> (Tensor, Tensor, Tensor[])")
 _lib.define("gru_backward(Tensor? grad_out, Tensor? grad_hT, Tensor x, Tensor h0, Tensor w_ih, "
@@ -526,31 +529,30 @@ class _Layer(torch.autograd.Function):
     (gru_backward), or, for a backward whose graph must itself be differentiable
     (create_graph=True) or that runs under vmap, :func:`_differentiable_backward`."""
 
+    # The classic form (ctx in forward) on purpose: the setup_context form binds its arguments
+    # with inspect.signature at every apply, ~0.1 ms of Python per training step with cold
+    # caches. torch.func transforms never reach it (gru_layer sends them to the reference).
     @staticmethod
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, kernel: str):
+    def forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, kernel: str):
         if _plain(x):
             out, h_T, saved = _forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, kernel)
         else:  # fake or functional tensors (compile, export): the backend below autograd
             with torch._C._AutoDispatchBelowAutograd():
                 out, h_T, saved = torch.ops.grulab.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh,
                                                                reset_after, True, kernel)
-        return (out, h_T, *saved)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel = inputs
-        out, _, *saved = output
-        ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out, *saved)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, out)
+        ctx.saved = saved
         ctx.reset_after, ctx.kernel = reset_after, kernel
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return out, h_T
 
     @staticmethod
-    def backward(ctx, grad_out, grad_hT, *_grad_saved):
+    def backward(ctx, grad_out, grad_hT):
         none = (None,) * 8
         if grad_out is None and grad_hT is None:
             return none
-        x, h0, w_ih, w_hh, b_ih, b_hh, out, *saved = ctx.saved_tensors
+        x, h0, w_ih, w_hh, b_ih, b_hh, out = ctx.saved_tensors
+        saved = ctx.saved
         need = ctx.needs_input_grad  # (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
         batched = not (_plain(grad_out) and _plain(grad_hT))
         if (torch.is_grad_enabled() and _plain(x)) or (batched and _plain(x)):
@@ -567,10 +569,16 @@ class _Layer(torch.autograd.Function):
                 db_ih if has_b_ih else None, db_hh if has_b_hh else None, None, None)
 
 
+# _Layer.apply without torch.autograd.Function.apply's Python prologue, whose scan of the
+# arguments for torch.func's dead wrappers cost ~20 µs a call: gru_layer calls it only where no
+# torch.func transform is active and every argument is a plain tensor.
+_apply_layer = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Layer)
+
+
 def _autograd_kernel(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
     if save and torch.is_grad_enabled() and _requires_grad(x, h0, w_ih, w_hh, b_ih, b_hh):
-        out, h_T, *saved = _Layer.apply(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
-        return out, h_T, saved
+        out, h_T = _Layer.apply(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
+        return out, h_T, []
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.grulab.gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel)
 
@@ -625,8 +633,7 @@ def gru_layer(
         out, h_T, _ = torch.ops.grulab.gru_forward(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel)
         return out, h_T
     if save:  # what the operator's Autograd kernel would run
-        out, h_T, *_ = _Layer.apply(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
-        return out, h_T
+        return _apply_layer(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
     out, h_T, _ = _forward_impl(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, False, kernel)
     return out, h_T
 
