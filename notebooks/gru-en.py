@@ -214,8 +214,8 @@ grulab_cli(["train", "--preset", "d2l", "--corpus", "austen", "--max-minutes", s
 # characters of a Chinese text with newlines as spaces, SGD at learning rate 0.2 on the *summed*
 # loss (their `loss.backward()` sums the per-token losses) clipped at 5, 200 epochs, and their
 # prefixes 分开, 不分开, 战争中部队. Their corpus, a singer's lyrics, is not bundled; the preset's
-# default corpus is tang300, Tang poems. On English text, each preset uses the other notes' rule
-# and prefixes: the cleaning and the prefixes follow the script of the corpus.
+# default corpus is tang300, Tang poems. On a text of the other script a preset takes the other
+# notes' rule and prefixes: the cleaning and the prefixes follow the script of the corpus.
 
 # %%
 grulab_cli(["train", "--preset", "d2l-zh", "--max-minutes", str(MINUTES),

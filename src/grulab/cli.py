@@ -328,21 +328,23 @@ def _preset_help() -> str:
     """Each preset with the flags it stands for, read from PRESETS."""
     from .train import PRESETS, TrainConfig
 
-    defaults, by_name = TrainConfig(), {f.name: f for f in fields(TrainConfig)}
+    by_name = {f.name: f for f in fields(TrainConfig)}
     described = []
     for name, preset in PRESETS.items():
         words = []
         for key, value in preset.values.items():
             f = by_name[key]
-            if isinstance(value, bool):
-                words += [flag(f)] if value != getattr(defaults, key) else []
+            if isinstance(value, bool):  # said either way: --reset-before, --no-reset-before
+                switch, sets = _switch_flag(f)
+                words += [switch if value == sets else "--no-" + switch[2:]]
             elif isinstance(value, list):
                 words += [flag(f), *map(shlex.quote, value)]
             else:
                 words += [flag(f), str(value)]
         described.append(f"{name} = {preset.help}: {' '.join(words)}")
     return ("start from a named setting; the flags given win. " + "; ".join(described).replace("%", "%%")
-            + " (default: none, the defaults below)")
+            + ". On a corpus of the other script a preset continues the other notes' prefixes (and --d2l-text "
+            "cleans by the script) (default: none, the defaults below)")
 
 
 def _add_generate(sub) -> None:
