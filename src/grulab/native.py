@@ -127,6 +127,8 @@ def load() -> Optional[ModuleType]:
 
 
 def _import_installed() -> ModuleType:
+    import torch  # noqa: F401  the library links against torch's (libc10.so is found through it)
+
     return importlib.import_module("grulab._native")
 
 

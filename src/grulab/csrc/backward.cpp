@@ -66,15 +66,13 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
 // is about 8 Mi elements of (B, 3H) rows, with at least 2048 rows (steps · B) so
 // that the weight GEMMs stay efficient. The chunks are then made equal (T = 35
 // in chunks of at most 10: 9, 9, 9, 8 rather than 10, 10, 10, 5).
-static int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes) {
+int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes) {
   const int64_t in_l2 = l2_bytes() / (2 * B * 3 * H * elem_bytes);  // 0 where L2 is unknown
   const int64_t by_size = (int64_t(8) << 20) / (B * 3 * H), by_rows = (2048 + B - 1) / B;
   const int64_t most = in_l2 >= 4 ? std::min(in_l2, Tn) : std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
   const int64_t chunks = (Tn + most - 1) / most;
   return (Tn + chunks - 1) / chunks;
 }
-
-constexpr int64_t kNarrowDwIhMaxI = 64;  // dW_ih by our narrow tile up to this many inputs (below)
 
 // Returns [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] (undefined -> None where not needed).
 // chunk: steps per chunk of the time loop (0: chunk_steps' choice; tests pass small ones).
@@ -115,7 +113,10 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   const int64_t go_step = grad_out.size(0) == 1 ? 0 : B * H;
   Tensor dh = grad_hT_ ? grad_hT_->clone(at::MemoryFormat::Contiguous)
                        : at::zeros({B, H}, opts);   // (B, H) dL/dh_T, then dL/dh at each chunk's start
-  const int64_t Tc = chunk > 0 ? std::min(chunk, Tn) : chunk_steps(Tn, B, H, x.element_size());
+  const bool is_float = x.scalar_type() == at::kFloat;
+  const BackwardPlan plan = backward_plan(ops, is_float, Tn, B, I, H, reset_after, need_x,
+                                          has_b_ih || has_b_hh, threads, chunk);
+  const int64_t Tc = plan.chunk;
   // (Tc, B, gs) [da_r | da_z | da_n ⊙ r | da_n], reset_after (dG_h its first 3H columns, dG_x
   // its first 2H and columns [3H, 4H): loops.inc); else [da_r | da_z | da_n] = dG_h = dG_x.
   // A row whose length is a multiple of 1 KiB gets one more cache line: the per-step GEMM
@@ -126,31 +127,15 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   Tensor dg = scratch(kDg, {Tc, B, gs}, opts);
 
   const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous(), w_ihc = w_ih.contiguous();
-  const int nt = loop_threads(B, H, threads);
+  const int nt = plan.threads;
   // [Σ da_r | Σ da_z | Σ da_n | Σ da_n ⊙ r] over t and b, added to by the loop as it goes.
   Tensor db = (has_b_ih || has_b_hh) ? at::zeros({4 * H}, opts) : Tensor();
-
-  const bool is_float = x.scalar_type() == at::kFloat;
-  // The packed path (float32) packs all columns of W_hh into panels of ops.cols units. The
-  // notes' reset_after=False takes it split by rows only, as the forward does (native.h).
-  const bool rows_rb = !reset_after && is_float && rows_reset_before(ops, B, 3 * H * H);
-  const bool packed = is_float && ops.packed && (reset_after || rows_rb);
-  const bool by_rows = reset_after ? packed && split_rows(ops, B, 3 * H * H, nt) : rows_rb;  // see native.h
-  // Where the loop may split the rows at some thread count (the governor picks 1 or 2), each
-  // step's bias sums go by blocks of kRowBlock rows, added up in a fixed order (loops.inc), so
-  // that they are the same bits whichever split and count run; elsewhere over whole steps.
-  const bool blocked = db.defined() && (reset_after ? packed && split_rows(ops, B, 3 * H * H, 2) : rows_rb);
+  const bool packed = plan.packed, by_rows = plan.by_rows, blocked = plan.blocked_bias;
   Tensor db_part = blocked ? scratch(kDbPart, {Tc, (B + kRowBlock - 1) / kRowBlock, 4 * H}, opts) : Tensor();
   Tensor w_cols = packed ? scratch(kPackCols, {(H + ops.cols - 1) / ops.cols * 3 * H * ops.cols}, opts)
                          : Tensor();
-  // dX with the packed tile where there is one: with I as small as 28, MKL ran this
-  // (T*B, I) = (T*B, 3H) @ (3H, I) GEMM at under half of the machine's rate.
-  const bool dx_packed = need_x && is_float && ops.packed;
+  const bool dx_packed = plan.dx_packed, dw_ih_narrow = plan.dw_ih_narrow;
   Tensor dx = !need_x ? Tensor() : dx_packed ? at::zeros({Tn, B, I}, opts) : at::empty({Tn, B, I}, opts);
-  // dW_ih by our own tile too where I is small (gemm_at_narrow, loops.inc): MKL ran
-  // (3H, T*B) @ (T*B, 28) at ≈80 GFLOP/s; the tile reads dG_x in place, row by row, and
-  // like every native GEMM here does not depend on the thread count.
-  const bool dw_ih_narrow = is_float && ops.packed && I <= kNarrowDwIhMaxI;
   const int gemm_nt = threads > 0 ? static_cast<int>(threads) : at::get_num_threads();
   Tensor dw_ih = dw_ih_narrow ? at::zeros({3 * H, I}, opts) : at::empty({3 * H, I}, opts);
   Tensor dw_hh = at::empty({3 * H, H}, opts);

@@ -55,13 +55,9 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
   Tensor out = at::empty({Tn, B, H}, opts);                    // (T, B, H)
   Tensor saved = at::empty({save ? Tn : 1, B, 4 * H}, opts);   // (T, B, 4H)
 
-  // The packed-weight fast path. Not for B = 1: a tile always computes 4 rows,
-  // and one row is a matrix-vector product, which small_linear does better.
-  // reset_after=False runs it split by rows only (see forward_packed, rows_reset_before).
-  const int nt = loop_threads(B, H, threads);
-  const bool by_rows = reset_after ? split_rows(ops, B, 3 * H * (H + I), nt)
-                                   : rows_reset_before(ops, B, 3 * H * (H + I));
-  if (ops.packed && x.scalar_type() == at::kFloat && B > 1 && (reset_after || by_rows)) {
+  const ForwardPlan plan = forward_plan(ops, x.scalar_type() == at::kFloat, B, I, H, reset_after, threads);
+  const int nt = plan.threads;
+  if (plan.packed) {
     const int64_t P = (H + ops.panel - 1) / ops.panel;  // panels of one register of units
     Tensor pack_hh = scratch(kPackHH, {P * H * 3 * ops.panel}, at::kFloat);
     Tensor pack_ih = scratch(kPackIH, {P * I * 3 * ops.panel}, at::kFloat);
@@ -75,7 +71,7 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
                        all_zero(h0.data_ptr<float>(), h0.numel()), w_ih.data_ptr<float>(),
                        w_hh.data_ptr<float>(), bias.data_ptr<float>(), Tn, B, I, H, save,
                        reset_after, out.data_ptr<float>(), saved.data_ptr<float>(),
-                       pack_hh.data_ptr<float>(), pack_ih.data_ptr<float>(), by_rows, nt);
+                       pack_hh.data_ptr<float>(), pack_ih.data_ptr<float>(), plan.by_rows, nt);
     return {out, out[Tn - 1].clone(), saved};
   }
 

@@ -69,6 +69,62 @@ inline bool split_rows(const IsaOps& ops, int64_t B, int64_t weight_floats, int 
   return nt > 1 && ops.rows > 0 && B >= nt * ops.rows && fits_l2(weight_floats);
 }
 
+// What a forward call runs, decided in one place (forward.cpp runs it, plan() in bindings.cpp
+// shows it). The packed-weight fast path is float32 only, and not for B = 1: a tile always
+// computes 4 rows, and one row is a matrix-vector product, which the time loop does better.
+struct ForwardPlan {
+  int threads;   // threads of the time loop (loop_threads)
+  bool by_rows;  // the packed loop splits batch rows, not hidden units (split_rows / rows_reset_before)
+  bool packed;   // weights packed once per call into register panels (else a GEMM per step)
+};
+inline ForwardPlan forward_plan(const IsaOps& ops, bool is_float, int64_t B, int64_t I, int64_t H,
+                                bool reset_after, int64_t threads) {
+  ForwardPlan p;
+  p.threads = loop_threads(B, H, threads);
+  p.by_rows = reset_after ? split_rows(ops, B, 3 * H * (H + I), p.threads)
+                          : rows_reset_before(ops, B, 3 * H * (H + I));
+  p.packed = ops.packed && is_float && B > 1 && (reset_after || p.by_rows);
+  return p;
+}
+
+// What a backward call runs (backward.cpp runs it, plan() shows it); chunk: steps per chunk
+// asked for (0: chosen by size, chunk_steps).
+struct BackwardPlan {
+  int threads;        // threads of the time loop
+  bool packed;        // W_hh packed into column panels for the per-step GEMM
+  bool by_rows;       // the loop splits batch rows, not hidden units
+  bool blocked_bias;  // bias sums by blocks of kRowBlock rows (the same bits on 1 or 2 threads)
+  int64_t chunk;      // steps per chunk: the gradient buffer holds one chunk (chunk_steps)
+  bool dx_packed;     // dX by the packed tile (else MKL)
+  bool dw_ih_narrow;  // dW_ih by the narrow tile, I <= kNarrowDwIhMaxI (else MKL)
+};
+constexpr int64_t kNarrowDwIhMaxI = 64;  // dW_ih by our narrow tile up to this many inputs
+int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes);
+inline BackwardPlan backward_plan(const IsaOps& ops, bool is_float, int64_t Tn, int64_t B, int64_t I,
+                                  int64_t H, bool reset_after, bool need_x, bool has_bias,
+                                  int64_t threads, int64_t chunk) {
+  BackwardPlan p;
+  p.threads = loop_threads(B, H, threads);
+  // The packed path (float32) packs all columns of W_hh into panels of ops.cols units. The
+  // notes' reset_after=False takes it split by rows only, as the forward does.
+  const bool rows_rb = !reset_after && is_float && rows_reset_before(ops, B, 3 * H * H);
+  p.packed = is_float && ops.packed && (reset_after || rows_rb);
+  p.by_rows = reset_after ? p.packed && split_rows(ops, B, 3 * H * H, p.threads) : rows_rb;
+  // Where the loop may split the rows at some thread count (the governor picks 1 or 2), each
+  // step's bias sums go by blocks of kRowBlock rows, added up in a fixed order (loops.inc), so
+  // that they are the same bits whichever split and count run; elsewhere over whole steps.
+  p.blocked_bias = has_bias && (reset_after ? p.packed && split_rows(ops, B, 3 * H * H, 2) : rows_rb);
+  p.chunk = chunk > 0 ? std::min(chunk, Tn) : chunk_steps(Tn, B, H, is_float ? 4 : 8);
+  // dX with the packed tile where there is one: with I as small as 28, MKL ran this
+  // (T*B, I) = (T*B, 3H) @ (3H, I) GEMM at under half of the machine's rate.
+  p.dx_packed = need_x && is_float && ops.packed;
+  // dW_ih by our own tile too where I is small (gemm_at_narrow, loops.inc): MKL ran
+  // (3H, T*B) @ (T*B, 28) at ≈80 GFLOP/s; the tile reads dG_x in place, row by row, and
+  // like every native GEMM here does not depend on the thread count.
+  p.dw_ih_narrow = is_float && ops.packed && I <= kNarrowDwIhMaxI;
+  return p;
+}
+
 // MKL's thread count for the calling thread while a BlasThreads lives: `threads` if > 0
 // (the governor's count, grulab.threads), else untouched. Without it a call the governor
 // runs on 1 thread because another process holds a core still handed its weight GEMMs to
