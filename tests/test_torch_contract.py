@@ -101,11 +101,12 @@ def _clear_kernel_caches() -> None:
     cache = getattr(kernels, "_cache", None)
     if isinstance(cache, dict):
         cache.clear()
-    fused = sys.modules.get("grulab.fused")
-    for name in ("_eager_layers", "_eager_steps"):
-        c = getattr(fused, name, None)
-        if isinstance(c, dict):
-            c.clear()
+    for module in ("grulab.fused", "grulab.kernels.fused"):
+        fused = sys.modules.get(module)
+        for name in ("_eager_layers", "_eager_steps"):
+            c = getattr(fused, name, None)
+            if isinstance(c, dict):
+                c.clear()
 
 
 @contextlib.contextmanager
