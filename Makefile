@@ -9,7 +9,7 @@ STAMP := $(VENV)/.grulab-installed
 
 .PHONY: demo test bench clean cjk-font
 
-$(STAMP): pyproject.toml setup.py $(wildcard src/grulab/csrc/*)
+$(STAMP): pyproject.toml setup.py $(wildcard src/grulab/kernels/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "setuptools>=68" wheel ninja
@@ -45,4 +45,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_grid.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/grulab/_native*.so
+	rm -rf $(VENV) build src/*.egg-info src/grulab/kernels/_native*.so src/grulab/_native*.so

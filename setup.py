@@ -1,9 +1,9 @@
-"""Builds the native GRU kernel (grulab._native) at install time when it can.
+"""Builds the native GRU kernel (grulab.kernels._native) at install time when it can.
 
 It needs torch importable while building, so install with
 ``pip install --no-build-isolation`` after torch (the Makefile does). Without
 torch or a C++ compiler the install still succeeds, and grulab compiles the
-kernel on first use instead (grulab/native.py says so on stderr).
+kernel on first use instead (grulab/kernels/native.py says so on stderr).
 """
 import sys
 from pathlib import Path
@@ -18,8 +18,8 @@ except ImportError:
           "will be compiled on first use (install with --no-build-isolation to build it now)",
           file=sys.stderr)
 else:
-    sys.path.insert(0, str(Path(__file__).parent / "src" / "grulab"))
-    from native import CFLAGS, LDFLAGS  # the flags live in one place  # noqa: E402
+    sys.path.insert(0, str(Path(__file__).parent / "src"))
+    from grulab.kernels.native import CFLAGS, LDFLAGS  # the flags live in one place  # noqa: E402
 
     sys.path.pop(0)
 
@@ -34,8 +34,8 @@ else:
                 print(f"grulab: the native GRU kernel was not built ({exc}); it will be compiled "
                       f"on first use", file=sys.stderr)
 
-    csrc = sorted(str(p) for p in Path("src/grulab/csrc").glob("*.cpp"))
-    ext_modules = [CppExtension("grulab._native", csrc, extra_compile_args=CFLAGS, extra_link_args=LDFLAGS)]
+    csrc = sorted(str(p) for p in Path("src/grulab/kernels/csrc").glob("*.cpp"))
+    ext_modules = [CppExtension("grulab.kernels._native", csrc, extra_compile_args=CFLAGS, extra_link_args=LDFLAGS)]
     cmdclass = {"build_ext": OptionalBuild.with_options(use_ninja=True)}
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-import grulab.fused as new
+import grulab.kernels.fused as new
 import grulab_old.fused as old
 from grulab.kernels import cpu_model
 

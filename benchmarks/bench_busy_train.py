@@ -1,6 +1,6 @@
-"""A language-model training step beside a busy process, with grulab.threads.steer_torch() off and on.
+"""A language-model training step beside a busy process, with grulab.kernels.threads.steer_torch() off and on.
 
-The step is `grulab train`'s (grulab.train.TrainConfig's default model, random token batches):
+The step is `grulab train`'s (grulab.lm.train.TrainConfig's default model, random token batches):
 forward, summed cross-entropy, backward, clipping, Adam. Each round measures, steering off and
 then on, the median step on the quiet machine and then beside one competing busy process (a Python
 loop spinning on one core), and prints busy ÷ quiet. Each phase starts from a quiet machine's
@@ -19,9 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from grulab import threads
-from grulab.model import LanguageModel
-from grulab.train import TrainConfig
+from grulab.kernels import threads
+from grulab.lm.model import LanguageModel
+from grulab.lm.train import TrainConfig
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ logits and the new state out, the state carried from step to step, as
 ``grulab generate`` runs it. Three contenders, the same weights:
 
 * ``onnxruntime``: the file from :func:`grulab.export_onnx`, through
-  :class:`grulab.onnx_generate.OnnxLanguageModel` (what ``generate --onnx`` calls);
-* ``grulab fused``: :meth:`grulab.model.LanguageModel.step` (the fused single step);
+  :class:`grulab.deploy.onnx_generate.OnnxLanguageModel` (what ``generate --onnx`` calls);
+* ``grulab fused``: :meth:`grulab.lm.model.LanguageModel.step` (the fused single step);
 * ``torch.nn.GRU``: the same embedding/one-hot and head around a torch.nn.GRU
   holding the same weights, run on a length-1 sequence.
 
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 import grulab
-from grulab.model import LanguageModel, ModelConfig
+from grulab.lm.model import LanguageModel, ModelConfig
 from grulab.kernels import cpu_model
-from grulab.onnx_generate import OnnxLanguageModel
+from grulab.deploy.onnx_generate import OnnxLanguageModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gru import write_section  # noqa: E402  (this folder)

@@ -7,7 +7,7 @@ H ∈ {64, 256, 1024}), one layer, float32, in one process:
 * ``fwd``: forward under ``torch.no_grad()`` (inference).
 
 Both contenders are timed interleaved (round-robin), medians. grulab.GRU runs as a user gets it:
-``impl="auto"``, so its first call of each shape measures its candidates (grulab.autotune) during
+``impl="auto"``, so its first call of each shape measures its candidates (grulab.kernels.autotune) during
 the warm-up, and the kernel it settled on is shown. Each row also gets its efficiency against the
 GEMM floor: the FLOPs of the layer (forward 6·T·B·H·(I+H), forward+backward 18·T·B·H·(I+H)) over
 the best sgemm rate this process reaches, divided by grulab's time.
@@ -16,7 +16,7 @@ The contention line: fwd+bwd at the seed shape (32, 35, 28, 256), first on the q
 in six trials each with one competing busy process (a Python loop spinning on one core): each
 trial's median over its repetitions, as a ratio to the quiet median; worst and median of the six.
 For grulab.GRU three ways: the step with its loss ``out.sum()`` and the layer alone (backward from
-a given gradient), as a library user gets them, and the step with ``grulab.threads.steer_torch()``
+a given gradient), as a library user gets them, and the step with ``grulab.kernels.threads.steer_torch()``
 on, as ``grulab train`` runs (torch's own ops follow the governor's thread count).
 
 Usage::
@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_gru import fmt_time, interleaved, write_section  # noqa: E402
 
 import grulab  # noqa: E402
-from grulab import autotune, kernels, threads  # noqa: E402
+from grulab.kernels import autotune, threads
+from grulab import kernels  # noqa: E402
 
 GRID = dict(B=(1, 8, 32, 128), T=(35, 200), I=(28, 256), H=(64, 256, 1024))
 QUICK = [(32, 35, 28, 256), (64, 100, 256, 1024), (1, 200, 28, 1024), (128, 35, 256, 64)]
@@ -148,7 +149,7 @@ def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
     """Two phases, each its contenders interleaved. As a library user gets it: torch.nn.GRU's step,
     grulab.GRU's step (loss ``out.sum()``) and grulab.GRU's layer alone (its backward seeded with a
     given gradient: no other multi-thread torch op in the step). Then as ``grulab train`` runs it:
-    with grulab.threads.steer_torch() on, grulab.GRU's step beside torch.nn.GRU's (whose count is
+    with grulab.kernels.threads.steer_torch() on, grulab.GRU's step beside torch.nn.GRU's (whose count is
     then steered too, torch's count being one setting of the process)."""
     fns, ours, x = contenders(SEED, train=True)
     grad = torch.ones(SEED[1], SEED[0], SEED[3])
@@ -171,7 +172,7 @@ def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
     rows += [(f"with steer_torch(): {names[n]}", quiet_s[n], per_trial_s[n]) for n in per_trial_s]
     lines = [f"Contention at {SEED} fwd+bwd: {trials} trials, each the median of {reps} interleaved repetitions "
              "with one competing busy process (a Python loop spinning on one core), as a ratio to the quiet median. "
-             "The last two rows: a second phase with grulab.threads.steer_torch() on (as `grulab train` runs), "
+             "The last two rows: a second phase with grulab.kernels.threads.steer_torch() on (as `grulab train` runs), "
              "where torch's own count follows grulab's governor, torch.nn.GRU's step included.",
              "",
              "| | quiet | trials (× quiet) | worst | median |", "|---|---|---|---|---|"]

@@ -39,7 +39,8 @@ from typing import Callable
 
 import torch
 
-from grulab import fused, reference
+from grulab.kernels import fused
+from grulab import reference
 from grulab.kernels import cpu_model
 
 SMALL = (32, 35, 28, 256)   # (B, T, I, H)

@@ -17,7 +17,7 @@ contender once, round-robin); medians are reported. Two parts:
   all), and at matched parameter counts (the minGRUs get the GRU's parameter
   count, i.e. a wider state, H' = 3H(D + H + 2) / (2(D + 1))).
 * ``lm``: training tokens/s of the character language model
-  (:class:`grulab.model.LanguageModel`, vocabulary 76 as Austen's, embedding
+  (:class:`grulab.lm.model.LanguageModel`, vocabulary 76 as Austen's, embedding
   64, hidden D for every cell): one optimizer step (forward, cross-entropy,
   backward, Adam) on a (B, T) batch, for ``--cell mingru``, ``mingru-block``,
   ``gru`` (grulab.GRU, the fused kernel) and ``gru`` on torch.nn.GRU's kernels
@@ -50,7 +50,7 @@ import grulab
 from bench_gru import interleaved, write_section  # this folder: run as python benchmarks/bench_mingru.py
 from grulab import MinGRU
 from grulab.kernels import cpu_model
-from grulab.model import LanguageModel, ModelConfig
+from grulab.lm.model import LanguageModel, ModelConfig
 
 try:
     from minGRU_pytorch import minGRU as LucidMinGRU
@@ -212,7 +212,7 @@ def lm_section(args, argv) -> str:
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, threads {torch.get_num_threads()}",
         f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
         f"(the machine is shared; above ~0.5 other processes were competing for the cores)",
-        f"- one training step of grulab.model.LanguageModel (vocabulary 76, embedding 64, hidden {H}, one layer or "
+        f"- one training step of grulab.lm.model.LanguageModel (vocabulary 76, embedding 64, hidden {H}, one layer or "
         f"block), forward + cross-entropy + backward + Adam on a ({B}, T) batch; medians of {args.reps} "
         f"interleaved repetitions in one process; tokens/s = {B}·T / median; parameter counts in brackets",
         "",

@@ -39,10 +39,12 @@ import torch.nn.functional as F
 from IPython.display import Image, display
 
 import grulab
-from grulab import catmouse, checkpoint, compare, plots, reference
+from grulab.views import catmouse
+from grulab.lm import checkpoint, compare, plots
+from grulab import reference
 from grulab.cli import main as grulab_cli
-from grulab.generate import predict
-from grulab.train import TrainConfig, read_metrics, with_preset
+from grulab.lm.generate import predict
+from grulab.lm.train import TrainConfig, read_metrics, with_preset
 
 # The test suite runs this notebook with GRULAB_NOTEBOOK_QUICK=1: the same cells on tiny budgets,
 # with a smaller model and validation text (SMALL); a reader's run keeps the notes' sizes.

@@ -38,10 +38,12 @@ import torch.nn.functional as F
 from IPython.display import Image, display
 
 import grulab
-from grulab import catmouse, checkpoint, compare, plots, reference
+from grulab.views import catmouse
+from grulab.lm import checkpoint, compare, plots
+from grulab import reference
 from grulab.cli import main as grulab_cli
-from grulab.generate import predict
-from grulab.train import TrainConfig, read_metrics, with_preset
+from grulab.lm.generate import predict
+from grulab.lm.train import TrainConfig, read_metrics, with_preset
 
 # 测试套件以 GRULAB_NOTEBOOK_QUICK=1 运行本笔记本：同样的单元格，极小的时间预算，
 # 以及更小的模型和验证集（SMALL）；读者自己运行时保持笔记的规模。

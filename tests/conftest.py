@@ -7,7 +7,8 @@ import platform
 import pytest
 import torch
 
-from grulab import kernels, native
+from grulab import kernels
+from grulab.kernels import native
 
 
 def pytest_sessionstart(session):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from grulab import checkpoint
-from grulab.data import Vocab
-from grulab.model import LanguageModel, ModelConfig
+from grulab.lm import checkpoint
+from grulab.lm.data import Vocab
+from grulab.lm.model import LanguageModel, ModelConfig
 
 VOCAB = Vocab("abcdefg")
 STEPS = ("open", "write", "pwrite", "fsync", "replace", "rename", "unlink", "rmdir", "mkdir", "ftruncate", "truncate")

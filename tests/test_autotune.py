@@ -1,4 +1,4 @@
-"""impl="auto" on the CPU: the measured choice (grulab.autotune) and the thread governor (grulab.threads)."""
+"""impl="auto" on the CPU: the measured choice (grulab.kernels.autotune) and the thread governor (grulab.kernels.threads)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import grulab
-from grulab import autotune, fused, kernels, native, threads
+from grulab.kernels import autotune, fused, native, plan, threads
+from grulab import kernels
 
 
 @pytest.fixture
@@ -102,7 +103,7 @@ def test_off_switch_and_forced_kernel_measure_nothing(cache, monkeypatch):
     x = torch.randn(4, 2, 5)
     monkeypatch.setenv(autotune.ENV, "0")
     _gru()(x)
-    assert autotune.recorded() == {} and "measuring is off" in kernels.report()
+    assert autotune.recorded() == {} and "measuring is off" in plan.report()
     monkeypatch.setenv(autotune.ENV, "1")
     monkeypatch.setenv(kernels.ENV, "fused-torch")
     _gru()(x)
@@ -118,7 +119,7 @@ def test_a_damaged_file_is_measured_again(cache):
 
 def test_report_lists_the_recorded_choices(cache):
     _gru(bidirectional=True)(torch.randn(3, 2, 5))
-    text = kernels.report()
+    text = plan.report()
     assert "1 recorded for this machine" in text and "dirs=2" in text and str(autotune.path()) in text
 
 
@@ -308,30 +309,29 @@ def test_a_call_on_one_thread_gives_mkl_its_thread_count_back(tier, two_threads)
 
 
 @pytest.mark.skipif(not fused.native_available(), reason="native extension unavailable")
-def test_a_training_step_is_timed_forward_and_backward_and_recorded_at_the_next(tier, two_threads):
-    """The native training step's backward runs in C++ (csrc/autograd.cpp) and writes its own
-    time; the governor records forward + backward at the next step of the shape, not before,
-    and a step whose backward never ran records nothing."""
+def test_a_training_step_times_its_forward_and_its_backward(tier, two_threads):
+    """A native training step reports its forward's time under the forward's key and its
+    backward's under the backward's (each with the count it ran on); a forward whose backward
+    never runs reports no backward time."""
     if not tier.startswith("native-"):
         pytest.skip("native kernels only")
     torch.manual_seed(0)
     I, H = 5, 64
     w = [p.requires_grad_() for p in (torch.randn(3 * H, I), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(3 * H))]
     x, h0 = torch.randn(4, 3, I), torch.zeros(3, H)
-    key = ("train", tier[len("native-"):], (4, 3, I), H, torch.float32, True, False)
-    threads._states.pop(key, None)
+    isa = tier[len("native-"):]
+    fwd = ("forward", isa, (4, 3, I), H, torch.float32, True, True)
+    bwd = ("backward", isa, (4, 3, I), H, torch.float32, True, False)
+    for key in (fwd, bwd):
+        threads._states.pop(key, None)
 
-    def recorded():
+    def recorded(key):
         state = threads._states.get(key)
         return [] if state is None else [t for times in state.recent.values() for t in times]
 
-    out, _ = fused.gru_layer(x, h0, *w, backend=tier)
-    assert recorded() == []
-    fused.gru_layer(x, h0, *w, backend=tier)  # the first step never ran its backward
-    assert recorded() == []
+    fused.gru_layer(x, h0, *w, backend=tier)  # its backward never runs
+    assert len(recorded(fwd)) == 1 and recorded(bwd) == []
     out, _ = fused.gru_layer(x, h0, *w, backend=tier)
     out.sum().backward()
-    assert recorded() == []
-    fused.gru_layer(x, h0, *w, backend=tier)
-    times = recorded()
-    assert len(times) == 1 and 0 < times[0] < 10
+    assert len(recorded(fwd)) == 2 and len(recorded(bwd)) == 1
+    assert all(0 < t < 10 for t in recorded(fwd) + recorded(bwd))

@@ -1,4 +1,4 @@
-"""grulab.catmouse: the GRU keeps the mouse in mind, the tanh RNN forgets it.
+"""grulab.views.catmouse: the GRU keeps the mouse in mind, the tanh RNN forgets it.
 
 The fast check trains at two distances with a small budget (a few seconds on
 one CPU thread). Seeds are fixed and the margins wide: over seeds 0-5 the GRU
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from grulab import catmouse
+from grulab.views import catmouse
 
 
 def test_make_task_shapes_and_labels():

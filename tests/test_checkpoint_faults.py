@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from grulab import checkpoint
-from grulab.data import Vocab
+from grulab.lm import checkpoint
+from grulab.lm.data import Vocab
 from grulab.errors import GrulabError
-from grulab.model import LanguageModel, ModelConfig
+from grulab.lm.model import LanguageModel, ModelConfig
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -268,9 +268,9 @@ def test_config_json_is_checked_by_the_dataclasses_own_rules():
     """One source of truth: a rule changed on the field is the rule config.json is held to."""
     from dataclasses import fields
 
-    from grulab.config import checked
+    from grulab.lm.config import checked
     from grulab.errors import ConfigError
-    from grulab.validate import check_section
+    from grulab.lm.validate import check_section
 
     hidden = next(f for f in fields(ModelConfig) if f.name == "hidden")
     assert hidden.metadata["rule"].ok(65536) and not hidden.metadata["rule"].ok(65537)

@@ -17,8 +17,8 @@ import pytest
 
 import grulab
 from grulab.cli import build_parser, config_from_args
-from grulab.config import flag
-from grulab.train import TrainConfig
+from grulab.lm.config import flag
+from grulab.lm.train import TrainConfig
 
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?![\w-])")  # "--no-" alone is no flag
 SOURCE = Path(grulab.__file__).parent

@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from grulab import checkpoint
+from grulab.lm import checkpoint
 from grulab.cli import main
-from grulab.compare import parse_sweep, time_to_reach
+from grulab.lm.compare import parse_sweep, time_to_reach
 from grulab.errors import UsageError
-from grulab.model import count_parameters
+from grulab.lm.model import count_parameters
 
 TEXT = "the cat sat on the mat. the dog sat on the log. " * 60
 

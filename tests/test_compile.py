@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import grulab
-from grulab.model import LanguageModel, ModelConfig
+from grulab.lm.model import LanguageModel, ModelConfig
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +102,7 @@ def test_export_language_model_and_generation_step():
 
     class Step(torch.nn.Module):
         def forward(self, x, h):
-            return grulab.fused.gru_step(x, h, w_ih, w_hh, b_ih, b_hh)
+            return grulab.kernels.fused.gru_step(x, h, w_ih, w_hh, b_ih, b_hh)
 
     step_prog = torch.export.export(Step(), (x, h))
     torch.testing.assert_close(step_prog.module()(x, h), Step()(x, h))

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from grulab import checkpoint, reference
+from grulab.lm import checkpoint
+from grulab import reference
 from grulab.cli import build_parser, config_from_args, main
 from grulab.errors import ConfigError, GrulabError
-from grulab.generate import predict
-from grulab.model import CELLS, CellKind, LanguageModel, ModelConfig
-from grulab.train import PRESETS, TrainConfig, read_metrics, resume_config
+from grulab.lm.generate import predict
+from grulab.lm.model import CELLS, CellKind, LanguageModel, ModelConfig
+from grulab.lm.train import PRESETS, TrainConfig, read_metrics, resume_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-0.1.0"
 PATTERN = "the cat sat on the mat. " * 20
@@ -96,14 +97,14 @@ def test_model_fields_are_declared_once_and_derived():
 def test_errors_name_the_parameter_and_the_cli_names_the_flag(capsys):
     with pytest.raises(ConfigError, match=r"^hidden must be a positive integer up to 65,536, got -3$"):
         TrainConfig(hidden=-3)
-    from grulab.model import CELLS
+    from grulab.lm.model import CELLS
 
     with pytest.raises(ConfigError, match=rf"^cell must be one of {re.escape(', '.join(CELLS))}, got 'foo'$"):
         ModelConfig(vocab_size=5, cell="foo")
     with pytest.raises(ConfigError, match="^impl must be auto, fused or reference for the reset-before GRU"):
         TrainConfig(reset_after=False, impl="torch")
     with pytest.raises(ConfigError, match="^temperature must be"):
-        from grulab.generate import check_sampling
+        from grulab.lm.generate import check_sampling
         check_sampling(temperature=-1.0)
     assert main(["train", "--reset-before", "--impl", "torch"]) == 2
     assert capsys.readouterr().err.strip() == (

@@ -1,4 +1,4 @@
-"""Tests for grulab.data: corpora, download, tokens, vocabulary, minibatches.
+"""Tests for grulab.lm.data: corpora, download, tokens, vocabulary, minibatches.
 
 Real files in tmp_path and a real HTTP server on 127.0.0.1; nothing is mocked
 and nothing touches the internet.
@@ -18,8 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grulab import data
-from grulab.data import (
+from grulab.lm import data
+from grulab.lm.data import (
     CORPORA,
     UNK,
     Vocab,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from torch.testing import assert_close
 
-from grulab import checkpoint
-from grulab.train import TrainConfig, read_metrics, resume_config, train
+from grulab.lm import checkpoint
+from grulab.lm.train import TrainConfig, read_metrics, resume_config, train
 
 TEXT = "the cat sat on the mat; the dog dug in the fog. " * 60  # 2,940 chars
 
@@ -152,7 +152,7 @@ def test_checkpoint_round_trip_distributed_single_distributed(corpus, tmp_path):
     the same weights as 3 epochs on one process, and generate/eval read the distributed checkpoint."""
     run = tmp_path / "run"
     cfg = settings(corpus, run)
-    straight = subprocess.Popen([sys.executable, "-c", "from grulab.train import TrainConfig, train; import sys, json; "
+    straight = subprocess.Popen([sys.executable, "-c", "from grulab.lm.train import TrainConfig, train; import sys, json; "
                                  "train(TrainConfig(**json.loads(sys.argv[1])))",
                                  json.dumps({**cfg, "epochs": 3, "out": str(tmp_path / "straight")})])
     first = subprocess.run([sys.executable, "-m", "grulab", "train", "--nproc", "2", *flags(cfg)],

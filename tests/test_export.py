@@ -21,12 +21,12 @@ from torch import nn
 
 import grulab
 from grulab.cli import main
-from grulab.data import Vocab
-from grulab.export import build_onnx
-from grulab.generate import generate
-from grulab.model import LanguageModel, ModelConfig
-from grulab.onnx_generate import OnnxLanguageModel, sample_next
-from grulab.onnx_generate import generate as onnx_generate
+from grulab.lm.data import Vocab
+from grulab.deploy.export import build_onnx
+from grulab.lm.generate import generate
+from grulab.lm.model import LanguageModel, ModelConfig
+from grulab.deploy.onnx_generate import OnnxLanguageModel, sample_next
+from grulab.deploy.onnx_generate import generate as onnx_generate
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -214,8 +214,8 @@ def test_generation_does_not_import_torch(tmp_path):
     vocab.save(tmp_path / "vocab.json")
     code = (
         "import sys\n"
-        "from grulab.data import Vocab\n"
-        "from grulab.onnx_generate import OnnxLanguageModel, generate\n"
+        "from grulab.lm.data import Vocab\n"
+        "from grulab.deploy.onnx_generate import OnnxLanguageModel, generate\n"
         f"lm = OnnxLanguageModel({str(path)!r})\n"
         f"vocab = Vocab.load({str(tmp_path / 'vocab.json')!r})\n"
         "print(''.join(generate(lm, vocab, 'the ', 30)), end='')\n"

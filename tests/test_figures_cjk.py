@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from grulab import plots, viz
-from grulab.data import Vocab, load_corpus
-from grulab.model import LanguageModel, ModelConfig
+from grulab.lm import plots
+from grulab.views import plots as view_plots
+from grulab.views import viz
+from grulab.lm.data import Vocab, load_corpus
+from grulab.lm.model import LanguageModel, ModelConfig
 
 POEM = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n"
 
@@ -89,8 +91,8 @@ def test_the_cjk_fonts_are_fallbacks_after_the_figures_own():
 
 def test_heatmap_units_are_sorted_by_mean_z():
     z = np.array([[0.1, 0.9, 0.5], [0.3, 0.7, 0.5]])  # (T, H): unit 1 keeps most, unit 0 least
-    assert plots.unit_order(z).tolist() == [1, 2, 0]
-    assert plots.label_every(50, 17.5) == 1 and plots.label_every(200, 17.5) == 2 and plots.label_every(1, 0.0) == 1
+    assert view_plots.unit_order(z).tolist() == [1, 2, 0]
+    assert view_plots.label_every(50, 17.5) == 1 and view_plots.label_every(200, 17.5) == 2 and view_plots.label_every(1, 0.0) == 1
 
 
 def test_heatmap_of_a_long_text_labels_every_kth_token(tmp_path):
@@ -113,6 +115,6 @@ def test_heatmap_of_a_long_text_labels_every_kth_token(tmp_path):
     finally:
         plt.Figure.savefig = monkey
     (long_labels, long_x, ylabels, bbox), (short_labels, short_x, _, _) = saved
-    assert short_labels == [plots._visible(c) for c in POEM[:20]] and short_x == "token"
-    assert long_labels[:3] == [plots._visible(c) for c in (POEM * 20)[0:6:2]] and "every 2 steps" in long_x
+    assert short_labels == [view_plots._visible(c) for c in POEM[:20]] and short_x == "token"
+    assert long_labels[:3] == [view_plots._visible(c) for c in (POEM * 20)[0:6:2]] and "every 2 steps" in long_x
     assert "unit (sorted by mean z ↓)" in ylabels and bbox == "tight"  # the order named; nothing cut off

@@ -1,4 +1,4 @@
-"""Tests of grulab.fused against torch.nn.GRU and grulab.reference (both tiers)."""
+"""Tests of grulab.kernels.fused against torch.nn.GRU and grulab.reference (both tiers)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from grulab import fused, kernels, native, reference
+from grulab.kernels import fused, native
+from grulab import kernels, reference
 
 TIERS = [k.name for k in kernels.KERNELS if k.impl == "fused"]
 
@@ -188,9 +189,9 @@ def test_sum_loss_frozen_bias_no_h0_grad(tier, shape, frozen, reset_after, dtype
 @pytest.mark.parametrize("absent", ["b_ih", "b_hh"])
 @pytest.mark.parametrize("frozen", ["w_ih", "w_hh"])
 def test_one_bias_absent_and_a_frozen_weight(tier, absent, frozen):
-    """One bias None and one weight without requires_grad: the native training step's autograd
-    function (csrc/autograd.cpp) counts its inputs' gradient edges without the absent bias,
-    so every gradient must still reach its own tensor (and none the frozen weight)."""
+    """One bias None and one weight without requires_grad: the autograd formula (fused._Layer)
+    maps its gradients to the inputs with the absent bias among them, so every gradient must
+    still reach its own tensor (and none the frozen weight)."""
     T, B, I, H = 4, 3, 5, 16
     w_ih, w_hh, b_ih, b_hh = make_params(I, H, True, torch.float64)
     b_ih, b_hh = (None, b_hh) if absent == "b_ih" else (b_ih, None)
@@ -211,8 +212,8 @@ def test_one_bias_absent_and_a_frozen_weight(tier, absent, frozen):
 
 
 def test_a_retained_graph_runs_its_backward_twice(tier):
-    """backward(retain_graph=True) twice through one forward: the saved tensors of the native
-    training step (csrc/autograd.cpp) are kept, and the gradients add up to twice the reference's."""
+    """backward(retain_graph=True) twice through one forward: the gates the autograd formula keeps
+    (fused._Layer) survive the first backward, and the gradients add up to twice the reference's."""
     T, B, I, H = 3, 2, 4, 8
     params = make_params(I, H, True, torch.float64)
     x, h0 = inputs(T, B, I, H, torch.float64)
@@ -316,7 +317,8 @@ def test_a_row_is_a_row_whatever_the_thread_split(kernel, B):
 
 SMALL_TEAM = """
 import sys, torch
-from grulab import native, reference
+from grulab.kernels import native
+from grulab import reference
 m, isa = native.load(), sys.argv[1]
 for T, B, I, H in [(3, 32, 5, 64), (3, 4, 5, 64)]:  # the batch rows split, the units split
     g = torch.Generator().manual_seed(B)
@@ -449,7 +451,7 @@ def test_env_forces_each_kernel_and_import_does_not_compile(name):
     import subprocess
     import sys
 
-    code = ("import grulab, grulab.native as n, grulab.kernels as k\n"
+    code = ("import grulab, grulab.kernels.native as n, grulab.kernels as k\n"
             "assert n._module is None and n._error is None, 'compiled at import'\n"
             "print(k.select('fused').name)")
     env = dict(__import__("os").environ, GRULAB_KERNEL=name)

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-import grulab.train as train_mod
-from grulab import checkpoint
-from grulab.data import Vocab
+import grulab.lm.train as train_mod
+from grulab.lm import checkpoint
+from grulab.lm.data import Vocab
 from grulab.errors import GrulabError
-from grulab.generate import encode_prefix, generate, predict, sample_next
-from grulab.model import LanguageModel, ModelConfig
-from grulab.train import TrainConfig, evaluate, read_metrics, resume_config, train
+from grulab.lm.generate import encode_prefix, generate, predict, sample_next
+from grulab.lm.model import LanguageModel, ModelConfig
+from grulab.lm.train import TrainConfig, evaluate, read_metrics, resume_config, train
 
 # A text a tiny GRU learns within two epochs: period 9, vocabulary a-e.
 PATTERN = "abcabdabe" * 40  # 360 chars -> 9 batches of 4x8 per epoch
@@ -590,9 +590,9 @@ def test_ctrl_c_during_evaluation_still_saves(corpus, tmp_path, monkeypatch):
 @pytest.mark.parametrize("given", [0, 2])
 def test_training_lets_torchs_count_follow_the_thread_governor_unless_threads_is_given(corpus, tmp_path, given):
     """grulab train owns its process: torch's ops around the GRU follow the governor's count
-    (grulab.threads.steer_torch) while it trains, unless --threads fixed the count; afterwards
+    (grulab.kernels.threads.steer_torch) while it trains, unless --threads fixed the count; afterwards
     steering is off again."""
-    from grulab import threads
+    from grulab.kernels import threads
 
     before = torch.get_num_threads()
     seen = []

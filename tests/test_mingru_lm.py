@@ -17,10 +17,10 @@ import warnings
 import pytest
 import torch
 
-from grulab import checkpoint
+from grulab.lm import checkpoint
 from grulab.cli import main
 from grulab.mingru import MinGRU, MinGRUBlocks
-from grulab.train import evaluate, read_metrics
+from grulab.lm.train import evaluate, read_metrics
 
 from test_cli import error_lines, grulab, grulab_many, ok
 
@@ -123,9 +123,9 @@ def test_d2l_init_refused_for_the_block(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("cell", CELLS)
 def test_checkpoint_whose_weights_do_not_fit_is_one_line(tmp_path, cell):
     """The checkpoint check computes shapes for rnn/gru/lstm only; a minGRU's mismatch is still one clear line."""
-    from grulab.data import Vocab
+    from grulab.lm.data import Vocab
     from grulab.errors import GrulabError
-    from grulab.model import LanguageModel, ModelConfig
+    from grulab.lm.model import LanguageModel, ModelConfig
 
     vocab = Vocab("the cat sat on the mat")
     model = LanguageModel(ModelConfig(vocab_size=len(vocab), cell=cell, hidden=8, embed=4))

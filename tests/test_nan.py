@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grulab import fused
+from grulab.kernels import fused
 
 
 
@@ -178,7 +178,7 @@ def test_reset_before_with_zero_h0_keeps_a_non_finite_first_step(tier, where, va
 
 def test_nan_weight_gives_nan_loss_in_the_language_model():
     """The trainer's divergence check relies on a NaN weight giving a NaN loss."""
-    from grulab.model import LanguageModel, ModelConfig
+    from grulab.lm.model import LanguageModel, ModelConfig
 
     torch.manual_seed(0)
     model = LanguageModel(ModelConfig(vocab_size=11, hidden=16))

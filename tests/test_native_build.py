@@ -1,6 +1,6 @@
 """The first-use build of the native kernel: keyed on the sources, never blocked by a dead process.
 
-The normal install builds grulab._native (setup.py); these tests take the
+The normal install builds grulab.kernels._native (setup.py); these tests take the
 fallback path on purpose, with copies of the package that have no built
 library, in real subprocesses sharing one GRULAB_CACHE.
 """
@@ -26,12 +26,12 @@ def checkout(root: Path, comment: str = "") -> Path:
     dst = root / "src" / "grulab"
     shutil.copytree(PKG, dst, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     if comment:
-        with open(dst / "csrc" / "kernels.h", "a") as f:
+        with open(dst / "kernels" / "csrc" / "kernels.h", "a") as f:
             f.write(f"\n// {comment}\n")
     return root / "src"
 
 
-LOAD = ("import grulab, grulab.native as n, sys\n"
+LOAD = ("import grulab, grulab.kernels.native as n, sys\n"
         "assert grulab.__file__.startswith(sys.argv[1]), grulab.__file__\n"
         "m = n.load(); assert m is not None, n.error()\n"
         "print(n.origin); print(m.cpu_supports('generic'))\n")
@@ -84,7 +84,7 @@ def test_first_use_build_survives_kill_and_is_keyed_on_the_source(tmp_path):
 
     # 3. A second checkout whose sources differ gets its own folder: neither rebuilds the other's.
     b = checkout(tmp_path / "b", comment="a change in the second checkout")
-    code = "import grulab.native as n; print(n.build_dir())"
+    code = "import grulab.kernels.native as n; print(n.build_dir())"
     env_b = dict(os.environ, PYTHONPATH=str(b), GRULAB_CACHE=str(cache))
     folder_b = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env=env_b, cwd=b.parent, check=True).stdout.strip()
@@ -94,8 +94,8 @@ def test_first_use_build_survives_kill_and_is_keyed_on_the_source(tmp_path):
     assert so.stat().st_mtime_ns == mtime
 
 
-BROKEN = ("import sys, pytest, grulab.native as n\n"
-          "def missing(): raise ModuleNotFoundError('grulab._native')\n"
+BROKEN = ("import sys, pytest, grulab.kernels.native as n\n"
+          "def missing(): raise ModuleNotFoundError('grulab.kernels._native')\n"
           "def no_compiler(reason): raise RuntimeError('no C++ compiler')\n"
           "n._import_installed, n._jit_build = missing, no_compiler\n"
           "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[1]]))\n")

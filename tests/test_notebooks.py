@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from grulab import plots
+from grulab.lm import plots
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from grulab import checkpoint
+from grulab.lm import checkpoint
 from grulab.cli import main
-from grulab.train import NOTES_PREFIXES, PRESETS
+from grulab.lm.train import NOTES_PREFIXES, PRESETS
 
 SMALL = ["--hidden", "8", "--epochs", "1", "--max-tokens", "2000", "--no-progress", "--predict-length", "5",
          "--seed", "0"]

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from grulab import checkpoint, rundir
+from grulab.lm import checkpoint, rundir
 from grulab.cli import main
 from grulab.errors import GrulabError
-from grulab.train import read_metrics
+from grulab.lm.train import read_metrics
 
 _SCRIPT = Path(sys.executable).parent / "grulab"
 GRULAB = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "grulab.cli"]
@@ -94,7 +94,7 @@ def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path):
 
 HOLDER = """
 import sys, time
-from grulab import rundir
+from grulab.lm import rundir
 run = rundir.claim(sys.argv[1])
 print("claimed", flush=True)
 time.sleep(120)
@@ -119,7 +119,7 @@ def test_one_process_at_a_time_and_a_killed_one_blocks_nothing(tmp_path):
 # ---------------------------------------------------------------------------- signals
 STOPPER = """
 import sys, time
-from grulab.signals import StopOnSignal, Stopped
+from grulab.lm.signals import StopOnSignal, Stopped
 try:
     with StopOnSignal() as stop:
         print("ready", flush=True)

@@ -1,4 +1,4 @@
-"""grulab.viz: the gate trace, the HTML page, the PNG heatmap and render().
+"""grulab.views.viz: the gate trace, the HTML page, the PNG heatmap and render().
 
 The browser tests drive headless Chromium (Debian's ``chromium`` package) with
 Playwright's Python package; they are skipped where either is missing.
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from grulab.errors import GrulabError
-from grulab.model import LanguageModel, ModelConfig
-from grulab import viz
+from grulab.lm.model import LanguageModel, ModelConfig
+from grulab.views import viz
 
 TEXT = 'It is a truth, "universally" <acknowledged> & so on.\nA single man—in\tpossession…'
 
@@ -199,7 +199,7 @@ def test_render_unknown_tokens_warn(tmp_path, vocab):
 
 
 def test_render_with_grulab_vocab(tmp_path):
-    data_mod = pytest.importorskip("grulab.data")
+    data_mod = pytest.importorskip("grulab.lm.data")
     for level, joiner in (("char", ""), ("word", " ")):
         vocab = data_mod.Vocab(TEXT, level=level)
         model = make_model(len(vocab))
@@ -402,8 +402,8 @@ def test_a_200kb_text_gives_a_capped_page_in_bounded_memory(tmp_path):
     import subprocess
     import sys
 
-    from grulab import checkpoint
-    from grulab.data import Vocab
+    from grulab.lm import checkpoint
+    from grulab.lm.data import Vocab
 
     text = ("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 2200)[:200_000]
     vocab = Vocab(text)

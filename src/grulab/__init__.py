@@ -3,22 +3,34 @@
 >>> import grulab
 >>> gru = grulab.GRU(28, 256)          # a drop-in for torch.nn.GRU
 
-The names below are imported on first use, so that ``grulab.onnx_generate``
-(generation through onnxruntime) runs without importing torch.
+The package is layered; each layer imports only those below it (``make test`` checks it):
+
+    grulab.cli                      the command line
+    grulab.views | grulab.deploy    the gate page, figures, cat/mouse | ONNX export and runtime
+    grulab.lm                       the character-level language model: data, model, training, runs
+    grulab.mingru, grulab.gru       the nn layer: MinGRU; GRU and GRUCell (drop-ins for torch.nn)
+    grulab.kernels                  who computes a GRU: dispatch, autotune, threads, the operator, C++
+    grulab.reference, .cache, .errors   the notes' equations; the cache folder; user errors
+
+The names below are imported on first use, so that ``import grulab`` loads no layer it does
+not need, and ``grulab.deploy.onnx_generate`` runs without torch.
 """
 from importlib import import_module
 
-from .errors import GrulabError
+from grulab import _moved
+from grulab.errors import GrulabError
 
 __version__ = "0.1.0"
-_LAZY = {"GRU": ".gru", "GRUCell": ".gru", "MinGRU": ".mingru", "MinGRUBlocks": ".mingru",
-         "export_onnx": ".export"}  # name -> module that defines it
+_LAZY = {"GRU": "grulab.gru", "GRUCell": "grulab.gru", "MinGRU": "grulab.mingru",
+         "MinGRUBlocks": "grulab.mingru", "export_onnx": "grulab.deploy.export"}  # name -> its module
 __all__ = ["GRU", "GRUCell", "GrulabError", "MinGRU", "MinGRUBlocks", "export_onnx", "__version__"]
+
+_moved.install()
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,6 +1,6 @@
 """``python -m grulab`` is the ``grulab`` command."""
 import sys
 
-from .cli import main
+from grulab.cli import main
 
 sys.exit(main())

@@ -1,8 +1,11 @@
-"""The ``grulab`` command: train, generate, eval, compare, viz, demo.
+"""The ``grulab`` command: train, generate, eval, compare, viz, demo, kernels, and (with the
+``export`` extra) export and ``generate --onnx`` (:mod:`grulab.deploy.onnx_cli`).
 
-Training flags come from :class:`grulab.train.TrainConfig`: one dashed flag
+The top layer of the package: each command imports what it needs when it runs, so that
+``grulab --help`` starts without torch. Training flags come from
+:class:`grulab.lm.settings.TrainConfig`: one dashed flag
 per field, with its help text, choices and default read from the field
-(:func:`grulab.config.option`), so the two never drift apart. Library errors
+(:func:`grulab.lm.config.option`), so the two never drift apart. Library errors
 name parameters ("hidden must be ..."); the CLI tells them as flags. Bad input
 ends in one line on stderr and a non-zero exit (2 for usage, 1 otherwise),
 never a traceback.
@@ -21,8 +24,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import flag
-from .errors import ConfigError, GrulabError, UsageError
+from grulab.lm.config import flag
+from grulab.errors import ConfigError, GrulabError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,8 +75,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, defaults: dict, skip: Seq
     stay out of the namespace (SUPPRESS), so a preset's values are overridden only by what the
     user typed.
     """
-    from .model import ModelArgs
-    from .train import TrainConfig
+    from grulab.lm.model import ModelArgs
+    from grulab.lm.train import TrainConfig
 
     shown = replace(TrainConfig(), **defaults)
     model_fields = {f.name for f in fields(ModelArgs)}
@@ -108,7 +111,7 @@ def _given(args: argparse.Namespace, cls) -> dict:
 @contextmanager
 def _flag_errors():
     """An error that names a config parameter ("hidden must be ..."), told as the flag ("--hidden must be ...")."""
-    from .train import TrainConfig
+    from grulab.lm.train import TrainConfig
 
     try:
         yield
@@ -121,7 +124,7 @@ def _flag_errors():
 def config_from_args(args: argparse.Namespace):
     """The TrainConfig a ``train`` or ``compare`` command line asks for: the command's defaults,
     then ``--preset``, then the flags given."""
-    from .train import TrainConfig, with_preset
+    from grulab.lm.train import TrainConfig, with_preset
 
     with _flag_errors():
         return with_preset(replace(TrainConfig(), **args.config_defaults), getattr(args, "preset", None),
@@ -130,8 +133,8 @@ def config_from_args(args: argparse.Namespace):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .train import TrainConfig, resume_config
+    from grulab.lm import distributed
+    from grulab.lm.train import TrainConfig, resume_config
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be a positive integer, got {args.nproc}")
@@ -161,8 +164,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train_elastic(config, dist) -> dict:
     """train(config); a torchrun restart of the job that started the run (``--max-restarts``) resumes
     it from its checkpoint (or starts it again, if it died before its first one)."""
-    from . import checkpoint, distributed
-    from .train import train
+    from grulab.lm import checkpoint, distributed
+    from grulab.lm.train import train
 
     out = Path(config.out)
     again = distributed.restarted(out, dist)
@@ -194,8 +197,8 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint
-    from .generate import check_sampling, generate
+    from grulab.lm import checkpoint
+    from grulab.lm.generate import check_sampling, generate
 
     with _flag_errors():
         check_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
@@ -214,10 +217,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from . import checkpoint
-    from .data import encode_warning, load_corpus, tokenize
-    from .train import evaluate
-    from .validate import finite_perplexity
+    from grulab.lm import checkpoint
+    from grulab.lm.data import encode_warning, load_corpus, tokenize
+    from grulab.lm.train import evaluate
+    from grulab.lm.validate import finite_perplexity
 
     ckpt = checkpoint.load(Path(args.dir))
     text = _as_trained(ckpt, load_corpus(args.textfile))
@@ -240,14 +243,15 @@ def _as_trained(ckpt, text: str) -> str:
     script of the model's vocabulary, so that an English model reads any text with its letters-only rule."""
     if not ckpt.train.get("d2l_text"):
         return text
-    from .data import NOTES_RULES, UNK, notes_rule
+    from grulab.lm.data import NOTES_RULES, UNK, notes_rule
 
     return NOTES_RULES[notes_rule("".join(t for t in ckpt.vocab.idx_to_token if t != UNK))](text)
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
-    from . import checkpoint, viz
-    from .data import load_corpus
+    from grulab.lm import checkpoint
+    from grulab.views import viz
+    from grulab.lm.data import load_corpus
 
     text = args.text if args.text is not None else load_corpus(args.file)
     ckpt = checkpoint.load(Path(args.dir))
@@ -258,7 +262,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from . import compare
+    from grulab.lm import compare
 
     base = config_from_args(args)
     with _flag_errors():
@@ -271,18 +275,18 @@ DEMO_MARK = ".grulab-demo"  # in a directory the austen demo trained in: the nex
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import rundir
+    from grulab.lm import rundir
 
     out = Path(args.out)
     if args.name == "cat-mouse":
-        from . import catmouse
+        from grulab.views import catmouse
 
         with rundir.claim(out, run_files=()):  # one process at a time; it rewrites its own catmouse.png
             catmouse.run(out_dir=out)
         return 0
-    from .generate import generate
-    from .train import TrainConfig, train
-    from . import checkpoint
+    from grulab.lm.generate import generate
+    from grulab.lm.train import TrainConfig, train
+    from grulab.lm import checkpoint
 
     held = [name for name in rundir.TRAIN_FILES if (out / name).exists()]
     if held and not (out / DEMO_MARK).exists():
@@ -310,23 +314,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_kernels(args: argparse.Namespace) -> int:
     import torch
 
-    from . import kernels
+    from grulab import kernels
 
     if args.forget:
-        from . import autotune
+        from grulab.kernels import autotune
 
         n, where = len(autotune.recorded()), autotune.path()
         autotune.forget()
         print(f"forgot {n} measured choice(s) ({where})" if n else f"no measured choices to forget ({where})")
-    query = kernels.Query(args.device, getattr(torch, args.dtype), not args.reset_before)
-    print(kernels.report(query))
+    from grulab.kernels import plan
+
+    dtype = getattr(torch, args.dtype)
+    if args.shape is not None:
+        if args.device != "cpu":
+            raise UsageError(f"--shape explains a CPU call; got --device {args.device}")
+        T, B, I, H = args.shape
+        print(plan.format_plan(plan.plan(T, B, I, H, train=args.train, dtype=dtype, reset_after=not args.reset_before)))
+        return 0
+    print(plan.report(kernels.Query(args.device, dtype, not args.reset_before)))
     return 0
+
+
+def _shape(text: str) -> tuple[int, int, int, int]:
+    """--shape T,B,I,H: four sizes, T at least 1."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 4 or min(sizes) < 0 or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected T,B,I,H (four whole numbers, T >= 1, e.g. 35,32,28,256), got {text!r}")
+    return sizes
 
 
 # ---------------------------------------------------------------------------- parser
 def _preset_help() -> str:
     """Each preset with the flags it stands for, read from PRESETS."""
-    from .train import PRESETS, TrainConfig
+    from grulab.lm.train import PRESETS, TrainConfig
 
     by_name = {f.name: f for f in fields(TrainConfig)}
     described = []
@@ -372,7 +395,7 @@ def _top_parser():
 
 def _onnx_generate_parser() -> argparse.ArgumentParser:
     """Only `grulab generate` (and export), built without importing torch: `generate --onnx` runs torch-free."""
-    from .onnx_cli import add_commands
+    from grulab.deploy.onnx_cli import add_commands
 
     parser, sub = _top_parser()
     _add_generate(sub)
@@ -381,9 +404,9 @@ def _onnx_generate_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import compare
-    from .model import CELLS
-    from .train import PRESETS
+    from grulab.lm import compare
+    from grulab.lm.model import CELLS
+    from grulab.lm.train import PRESETS
 
     parser, sub = _top_parser()
 
@@ -436,7 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "files there, and a directory holding another run is refused (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed)")
+    p = sub.add_parser("kernels", help="which GRU kernel runs on this machine, and why (builds the native one if needed); "
+                       "or, for one call shape, everything decided for it")
+    p.add_argument("--shape", type=_shape, metavar="T,B,I,H", help="explain one call of a one-layer grulab.GRU: the kernel, "
+                   "why the others were not picked, the ISA, packed or not, the split, the chunking and the threads")
+    p.add_argument("--train", action=_Switch, default=False, help="with --shape: a training call (forward and backward); "
+                   "off: inference")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"], help="tensor dtype (default: float32)")
     p.add_argument("--device", default="cpu", help="device type (default: cpu)")
     p.add_argument("--reset-before", action=_Switch, default=False, help="ask for the notes' reset-before cell "
@@ -444,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", action=_Switch, default=False, help="delete this machine's measured choices of impl='auto' "
                    "first, so the next call of each shape measures again (e.g. after they were made on a busy machine)")
     p.set_defaults(func=cmd_kernels)
-    from .onnx_cli import add_commands
+    from grulab.deploy.onnx_cli import add_commands
     add_commands(sub)  # grulab export, grulab generate --onnx
     return parser
 
@@ -475,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stderr.flush()
             os._exit(e.exit_code)
         return e.exit_code
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.signals.Stopped
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP as grulab.lm.signals.Stopped
         code = getattr(e, "exit_code", 130)
         print(f"{_me()}: interrupted" if code == 130 else f"{_me()}: stopped by {e}", file=sys.stderr)
         return code

@@ -11,9 +11,10 @@ are added:
 
   - ``"reference"``: :mod:`grulab.reference`, the notes' equations line by line;
   - ``"torch"``: torch's own GRU kernels (``reset_after=True`` only);
-  - ``"fused"``: :mod:`grulab.fused`, a hand-written forward and BPTT;
-  - ``"auto"``: the fastest correct one for the device, as :mod:`grulab.kernels` decides (fused on CPU,
-    torch/cuDNN on CUDA when ``reset_after=True``).
+  - ``"fused"``: :mod:`grulab.kernels.fused`, a hand-written forward and BPTT;
+  - ``"auto"``: the fastest correct one for the call, as :mod:`grulab.kernels` decides: on the CPU
+    the kernel measured fastest for the call's shape (:mod:`grulab.kernels.autotune`: a native
+    loop, fused-torch or torch's own), torch/cuDNN on CUDA when ``reset_after=True``.
 """
 from __future__ import annotations
 
@@ -28,14 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from . import kernels, reference
+from grulab import kernels, reference
 
 IMPLS = ("auto", "reference", "torch", "fused")
 
 _LayerFn = Callable[..., tuple[Tensor, Tensor]]
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def check_int(name: str, value, minimum: int) -> None:
+    """torch.nn's check of an integer size (TypeError, ValueError); MinGRU uses it too."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
     if value < minimum:
@@ -43,11 +45,11 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be {what}, got {value}")
 
 
-def _check_stack(input_size, hidden_size, num_layers, dropout) -> None:
+def check_stack(input_size, hidden_size, num_layers, dropout) -> None:
     """The size and dropout checks of torch.nn.GRU's constructor (also MinGRU's)."""
-    _check_int("input_size", input_size, 1)
-    _check_int("hidden_size", hidden_size, 1)
-    _check_int("num_layers", num_layers, 1)
+    check_int("input_size", input_size, 1)
+    check_int("hidden_size", hidden_size, 1)
+    check_int("num_layers", num_layers, 1)
     if (
         isinstance(dropout, bool)
         or not isinstance(dropout, numbers.Number)
@@ -101,7 +103,7 @@ def resolve_impl(impl: str, reset_after: bool, device: torch.device) -> str:
 def _layer_fn(impl: str) -> _LayerFn:
     if impl == "reference":
         return reference.gru_layer
-    from . import fused
+    from grulab.kernels import fused
 
     return fused.gru_layer
 
@@ -171,7 +173,7 @@ class GRU(nn.Module):
     ) -> None:
         super().__init__()
         _check_no_projection(kwargs, "GRU")
-        _check_stack(input_size, hidden_size, num_layers, dropout)
+        check_stack(input_size, hidden_size, num_layers, dropout)
         _check_bool("batch_first", batch_first)
         _check_bool("bias", bias)
         _check_options(reset_after, impl)
@@ -343,9 +345,9 @@ class GRU(nn.Module):
     def _kernel(self, input: Tensor, hx: Optional[Tensor]) -> str:
         """Who runs this call: "torch", "reference", "fused", or a fused kernel's name.
 
-        ``impl="auto"`` on the CPU is measured per call signature (:mod:`grulab.autotune`)."""
+        ``impl="auto"`` on the CPU is measured per call signature (:mod:`grulab.kernels.autotune`)."""
         if self.impl == "auto" and input.device.type == "cpu" and not torch.compiler.is_compiling():
-            from . import autotune
+            from grulab.kernels import autotune
 
             return autotune.choose(self, input, hx, self._run)
         return resolve_impl(self.impl, self.reset_after, input.device)
@@ -356,7 +358,7 @@ class GRU(nn.Module):
             return self._forward_torch(input, hx)
         if kernel in ("reference", "fused"):
             return self._forward_layers(input, hx, _layer_fn(kernel))
-        from . import fused
+        from grulab.kernels import fused
 
         return self._forward_layers(input, hx, functools.partial(fused.gru_layer, backend=kernel))
 
@@ -424,9 +426,8 @@ class GRUCell(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 0)  # torch.nn.GRUCell takes 0 (an empty state or input)
-        _check_int("hidden_size", hidden_size, 0)
-        _check_bool("bias", bias)
+        check_int("input_size", input_size, 0)  # torch.nn.GRUCell takes 0 (an empty state or input)
+        check_int("hidden_size", hidden_size, 0)  # (torch.nn.GRUCell does not check bias's type)
         _check_options(reset_after, impl)
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -499,7 +500,7 @@ class GRUCell(nn.Module):
         elif impl == "reference":
             h = reference.gru_step(*args, self.reset_after).h
         else:
-            from . import fused
+            from grulab.kernels import fused
 
             h = fused.gru_step(*args, self.reset_after)  # differentiable; fastest under no_grad
         return h if batched else h.squeeze(0)

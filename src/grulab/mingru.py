@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .gru import _check_int, _check_stack
+from grulab.gru import check_int, check_stack
 
 __all__ = ["MinGRU", "MinGRUBlocks", "MinGRUTrace", "g", "log_g", "mingru_step", "mingru_layer"]
 
@@ -291,7 +291,7 @@ class MinGRU(nn.Module):
         scan: str = "fused",
     ) -> None:
         super().__init__()
-        _check_stack(input_size, hidden_size, num_layers, dropout)
+        check_stack(input_size, hidden_size, num_layers, dropout)
         if candidate not in CANDIDATES:
             raise ValueError(f"candidate must be one of {', '.join(map(repr, CANDIDATES))}, got {candidate!r}")
         if scan not in SCANS:
@@ -506,7 +506,7 @@ class CausalConv(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int, device=None, dtype=None) -> None:
         super().__init__()
-        _check_int("conv_kernel", kernel_size, 1)
+        check_int("conv_kernel", kernel_size, 1)
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(dim, kernel_size, device=device, dtype=dtype))  # (D, K)
         self.bias = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))  # (D,)
@@ -593,10 +593,10 @@ class MinGRUBlocks(nn.Module):
         scan: str = "fused",
     ) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_layers", num_layers, 1)
-        _check_int("mlp_mult", mlp_mult, 1)
+        check_int("input_size", input_size, 1)
+        check_int("hidden_size", hidden_size, 1)
+        check_int("num_layers", num_layers, 1)
+        check_int("mlp_mult", mlp_mult, 1)
         if not isinstance(expansion, numbers.Real) or isinstance(expansion, bool) or expansion <= 0:
             raise ValueError(f"expansion must be a number > 0, got {expansion!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:

@@ -1,0 +1,185 @@
+"""Which GRU kernel runs, and why: the one place that decides.
+
+Every kernel says what it supports and, if it cannot run a call, every reason
+why not (as xformers' ops do). :func:`select` walks the candidates of an ``impl``
+in order of preference and returns the first that can run; :func:`explain`
+returns the whole table. :mod:`grulab.kernels.plan` adds what autotune measured
+and what the native loops decide for a shape; ``grulab kernels`` prints it.
+
+The package: this registry; :mod:`~grulab.kernels.fused` (the torch operator and
+its two tiers), :mod:`~grulab.kernels.native` (building and loading ``csrc/``),
+:mod:`~grulab.kernels.autotune` (``impl="auto"``'s measurements),
+:mod:`~grulab.kernels.threads` (the thread governor), :mod:`~grulab.kernels.plan`.
+
+========================  ======================================================
+kernel                    what it is
+========================  ======================================================
+``native-avx512``         csrc/ loops compiled for AVX-512 (CPU, float32/64)
+``native-avx2``           csrc/ loops compiled for AVX2 + FMA (CPU, float32/64)
+``native-generic``        csrc/ loops for any x86-64 CPU (CPU, float32/64)
+``fused-torch``           the fused algorithm in torch ops (any device and dtype)
+``torch``                 torch.nn.GRU's own kernels, cuDNN on CUDA (reset-after only)
+``reference``             grulab.reference, the notes' equations line by line
+========================  ======================================================
+
+The AVX2 and AVX-512 builds run float32 on weights packed once per call into register
+panels, both cell forms (reset-after, and the notes' reset-before where the batch has 8 rows
+or more and the weights fit in one core's L2); ``plan()`` says what a shape runs.
+
+``impl="fused"`` means the first of the native kernels this CPU runs, else
+``fused-torch``; ``impl="auto"`` means ``torch`` (cuDNN) on CUDA for the
+reset-after cell and, on the CPU, the candidate measured fastest for the
+call's shape (:mod:`grulab.kernels.autotune`; this order is its starting point and the
+choice when measuring is off, while compiling, and for single steps).
+
+``GRULAB_KERNEL=<kernel>`` forces the kernel of every fused call (tests use it
+to run each path the machine can run); forcing one that cannot run raises a
+RuntimeError that says why.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from grulab.kernels import native
+
+ENV = "GRULAB_KERNEL"
+_FLOAT_NATIVE = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a call needs: the device type ("cpu", "cuda", ...), the dtype and the cell form."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    reset_after: bool = True
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    impl: str  # the grulab.GRU ``impl`` family it belongs to: "fused", "torch" or "reference"
+    doc: str
+    why_not: Callable[[Query], Optional[str]]  # None if it can run the query, else the reason
+
+
+def _native(isa: str) -> Callable[[Query], Optional[str]]:
+    def why_not(q: Query) -> Optional[str]:  # every reason, not just the first
+        reasons = []
+        if q.device != "cpu":
+            reasons.append(f"CPU tensors only (got {q.device})")
+        if q.dtype not in _FLOAT_NATIVE:
+            reasons.append(f"float32 and float64 only (got {str(q.dtype).replace('torch.', '')})")
+        mod = native.load()
+        if mod is None:
+            reasons.append(f"native extension unavailable ({native.error()})")
+        elif not mod.cpu_supports(isa):
+            reasons.append(f"this CPU lacks {isa.upper()}")
+        return "; ".join(reasons) or None
+
+    return why_not
+
+
+def _fused_torch(q: Query) -> Optional[str]:
+    return None if q.dtype.is_floating_point else f"floating dtypes only (got {q.dtype})"
+
+
+def _torch(q: Query) -> Optional[str]:
+    return None if q.reset_after else "computes only the reset-after cell"
+
+
+KERNELS: tuple[Kernel, ...] = (
+    Kernel("native-avx512", "fused", "C++ loops compiled for AVX-512", _native("avx512")),
+    Kernel("native-avx2", "fused", "C++ loops for AVX2+FMA, packed micro-kernels", _native("avx2")),
+    Kernel("native-generic", "fused", "C++ loops for any x86-64 CPU", _native("generic")),
+    Kernel("fused-torch", "fused", "the fused algorithm in torch ops", _fused_torch),
+    Kernel("torch", "torch", "torch.nn.GRU's kernels (cuDNN on CUDA)", _torch),
+    Kernel("reference", "reference", "the notes' equations, autograd", lambda q: None),
+)
+BY_NAME = {k.name: k for k in KERNELS}
+
+
+def first_native(query: Query) -> tuple[Optional[str], Optional[str]]:
+    """(the first native kernel that can run ``query``, None) in this module's order, else (None, why not)."""
+    why = None
+    for k in KERNELS:
+        if k.name.startswith("native-"):
+            why = k.why_not(query)
+            if why is None:
+                return k.name, None
+    return None, why
+
+
+def forced() -> Optional[str]:
+    """The kernel forced by ``GRULAB_KERNEL``, if any (checked against the known names)."""
+    name = os.environ.get(ENV, "").strip()
+    if not name:
+        return None
+    if name not in BY_NAME or BY_NAME[name].impl != "fused":
+        choices = ", ".join(k.name for k in KERNELS if k.impl == "fused")
+        raise ValueError(f"{ENV}={name!r} is not a fused kernel; expected one of {choices}")
+    return name
+
+
+def _candidates(impl: str, q: Query) -> list[Kernel]:
+    if impl == "auto":
+        impl = "torch" if q.device == "cuda" and q.reset_after else "fused"
+    return [k for k in KERNELS if k.impl == impl]
+
+
+def explain(impl: str = "auto", query: Query = Query()) -> list[tuple[Kernel, Optional[str], bool]]:
+    """Every candidate of ``impl`` for ``query``: (kernel, why it cannot run or None, chosen)."""
+    chosen = select(impl, query)
+    return [(k, k.why_not(query), k.name == chosen.name) for k in _candidates(impl, query)]
+
+
+def _select(impl: str, device: str, dtype: torch.dtype, reset_after: bool, force: Optional[str]) -> str:
+    q = Query(device, dtype, reset_after)
+    cands = _candidates(impl, q)
+    if force is not None and cands and cands[0].impl == "fused":
+        reason = BY_NAME[force].why_not(q)
+        if reason is not None:
+            raise RuntimeError(f"grulab: {ENV}={force} cannot run here: {reason}; "
+                               f"unset {ENV} or pick another kernel (grulab kernels lists them)")
+        return force
+    for k in cands:
+        if k.why_not(q) is None:
+            return k.name
+    raise RuntimeError(f"grulab: no {impl} GRU kernel can run on {device} {dtype}")
+
+
+_cache: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def select_name(impl: str, device: str, dtype: torch.dtype, reset_after: bool) -> str:
+    """The name of the kernel that runs ``impl`` for this call (cached per signature)."""
+    force = forced()
+    key = (impl, device, dtype, reset_after, force)
+    name = _cache.get(key)
+    if name is None:
+        name = _cache[key] = _select(impl, device, dtype, reset_after, force)
+    return name
+
+
+def select(impl: str = "auto", query: Query = Query()) -> Kernel:
+    """The kernel that runs ``impl`` ("auto", "fused", "torch", "reference") for ``query``."""
+    return BY_NAME[select_name(impl, query.device, query.dtype, query.reset_after)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
