@@ -41,8 +41,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_gru.py
-	$(PY) benchmarks/bench_grid.py
+	$(PY) benchmarks/bench_gru.py --write-results
+	$(PY) benchmarks/bench_grid.py --write-results
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info src/grulab/kernels/_native*.so src/grulab/_native*.so

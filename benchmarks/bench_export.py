@@ -17,8 +17,9 @@ are checked to agree first. The machine is shared: prefer many rounds.
 
 Usage::
 
-    python benchmarks/bench_export.py                 # prints a table and updates benchmarks/results.md
-    python benchmarks/bench_export.py --rounds 10 --no-write
+    python benchmarks/bench_export.py                 # prints a table
+    python benchmarks/bench_export.py --write-results # ... and updates benchmarks/results.md
+    python benchmarks/bench_export.py --rounds 10     # a quick look
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from grulab.kernels import cpu_model
 from grulab.deploy.onnx_generate import OnnxLanguageModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gru import write_section  # noqa: E402  (this folder)
+from bench_gru import results_flags, results_target, write_section  # noqa: E402  (this folder)
 
 # (name, ModelConfig keywords): the notes' one-hot model, `grulab train`'s default model, a deeper one
 CONFIGS = [
@@ -140,15 +141,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=60, help="interleaved rounds (default: 60)")
     ap.add_argument("--tokens", type=int, default=100, help="generation steps per round (default: 100)")
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and onnxruntime (default: 1)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"),
-                    help="markdown file whose export section is replaced (default: benchmarks/results.md)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
-    args = ap.parse_args(argv)
+    results_flags(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    target = results_target(args)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,9 +173,9 @@ def main(argv=None) -> int:
     ]
     section = "## Export: per-token generation latency\n\n" + "\n".join(meta) + "\n\n" + table(results) + "\n"
     print(section)
-    if not args.no_write:
-        write_section(args.out, section.rstrip("\n"), "bench_export")
-        print(f"updated {args.out}")
+    if target is not None:
+        write_section(target, section.rstrip("\n"), "bench_export")
+        print(f"updated {target}")
     return 0
 
 

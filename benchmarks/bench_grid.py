@@ -21,7 +21,8 @@ on, as ``grulab train`` runs (torch's own ops follow the governor's thread count
 
 Usage::
 
-    python benchmarks/bench_grid.py                 # the grid, the contention line; writes results.md
+    python benchmarks/bench_grid.py                 # the grid, the contention line, printed
+    python benchmarks/bench_grid.py --write-results # ... and written into results.md
     python benchmarks/bench_grid.py --quick         # a few shapes
     python benchmarks/bench_grid.py --part contention
 
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gru import fmt_time, interleaved, write_section  # noqa: E402
+from bench_gru import fmt_time, interleaved, results_flags, results_target, write_section  # noqa: E402
 
 import grulab  # noqa: E402
 from grulab.kernels import autotune, threads
@@ -182,13 +183,17 @@ def contention(trials: int = 6, reps: int = 15) -> tuple[str, dict]:
     return "\n".join(lines), {name: ratios for name, _, ratios in rows}
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} shapes of the grid")
     ap.add_argument("--part", choices=("all", "grid", "contention"), default="all")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
-    ap.add_argument("--no-write", action="store_true", help="print only")
-    args = ap.parse_args(argv)
+    results_flags(ap)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    target = results_target(args)
 
     family = f"{kernels.cpu_model()}, {kernels.select_name('fused', 'cpu', torch.float32, True)}"
     load_before = os.getloadavg()
@@ -227,10 +232,10 @@ def main(argv=None) -> int:
         "grulab.GRU with impl='auto' (kernel = what its measured dispatch picked)",
     ]
     text = f"## GRU grid: {family}\n\n" + "\n".join(meta) + "\n\n" + "\n\n".join(parts)
-    if not args.no_write:
-        write_section(args.out, text, f"bench_grid {family}" + (" quick" if args.quick else "")
+    if target is not None:
+        write_section(target, text, f"bench_grid {family}" + (" quick" if args.quick else "")
                       + ("" if args.part == "all" else f" {args.part}"))
-        print(f"wrote {args.out}")
+        print(f"wrote {target}")
     return 0
 
 

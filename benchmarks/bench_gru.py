@@ -16,10 +16,14 @@ reset-after layer, torch having no reset-before kernel).
 
 Usage::
 
-    python benchmarks/bench_gru.py            # full run, writes benchmarks/results.md
-    python benchmarks/bench_gru.py --quick    # small shape + generation only
-    python benchmarks/bench_gru.py --out FILE # write the table elsewhere
-    python benchmarks/bench_gru.py --runs 3   # three runs, each ratio with its range
+    python benchmarks/bench_gru.py                  # full run, printed
+    python benchmarks/bench_gru.py --write-results  # ... and written into benchmarks/results.md
+    python benchmarks/bench_gru.py --quick          # small shape + generation only
+    python benchmarks/bench_gru.py --out FILE       # write the table into FILE instead
+    python benchmarks/bench_gru.py --runs 3         # three runs, each ratio with its range
+
+Every benchmark here prints; only ``--write-results`` (or ``--out FILE``) writes its section of
+``benchmarks/results.md``, which is tracked: a plain run leaves ``git status`` clean.
 
 The machine's load average is recorded before and after: the numbers are only
 comparable when nothing else runs on the machine.
@@ -35,7 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -189,6 +193,26 @@ def make_table(runs: list) -> str:
     return "\n".join(lines)
 
 
+RESULTS = Path(__file__).with_name("results.md")
+
+
+def results_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that decide whether a benchmark writes its section of results.md (by default it
+    only prints: results.md is tracked, and a quick look must not change it)."""
+    ap.add_argument("--write-results", action="store_true",
+                    help="write this benchmark's section of benchmarks/results.md (default: print only)")
+    ap.add_argument("--out", type=Path, metavar="FILE",
+                    help="write the section into FILE instead of benchmarks/results.md (implies writing)")
+    ap.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)  # the old opt-out, now the default
+
+
+def results_target(args: argparse.Namespace) -> Optional[Path]:
+    """Where the section goes: --out, else results.md with --write-results, else nowhere."""
+    if args.no_write:
+        return None
+    return args.out if args.out is not None else RESULTS if args.write_results else None
+
+
 def write_section(path: Path, section: str, key: str) -> None:
     """Replace the section between this key's markers (or append it), keeping the rest of the file."""
     BEGIN, END = f"<!-- {key}: begin -->", f"<!-- {key}: end -->"
@@ -201,18 +225,22 @@ def write_section(path: Path, section: str, key: str) -> None:
     path.write_text(text)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shape and generation only, few repetitions")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"),
-                    help="markdown file to write (default: benchmarks/results.md)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    results_flags(ap)
     ap.add_argument("--runs", type=int, default=1,
                     help="repeat the whole measurement N times and report each ratio's range "
                          "(the machine's speed drifts over minutes; interleaving only evens out seconds)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's default, the number of cores)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
+    target = results_target(args)
     if args.runs < 1:
         ap.error(f"--runs must be >= 1, got {args.runs}")
     if args.threads:
@@ -259,9 +287,9 @@ def main(argv=None) -> int:
     print("\n".join(meta))
     print()
     print(table)
-    if not args.no_write:
-        write_section(args.out, "## GRU benchmark\n\n" + "\n".join(meta) + "\n\n" + table, "bench_gru")
-        print(f"\nwrote {args.out}")
+    if target is not None:
+        write_section(target, "## GRU benchmark\n\n" + "\n".join(meta) + "\n\n" + table, "bench_gru")
+        print(f"\nwrote {target}")
     return 0
 
 

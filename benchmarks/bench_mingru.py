@@ -25,8 +25,8 @@ contender once, round-robin); medians are reported. Two parts:
 
 Usage::
 
-    python benchmarks/bench_mingru.py                 # writes its section of benchmarks/results.md
-    python benchmarks/bench_mingru.py --no-write      # print only
+    python benchmarks/bench_mingru.py                 # print only
+    python benchmarks/bench_mingru.py --write-results # ... and write its section of benchmarks/results.md
     python benchmarks/bench_mingru.py --reps 5 --T 35 # quick look
     python benchmarks/bench_mingru.py --part lm       # the language models' training tokens/s only
 
@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 import grulab
-from bench_gru import interleaved, write_section  # this folder: run as python benchmarks/bench_mingru.py
+from bench_gru import interleaved, results_flags, results_target, write_section  # this folder: run as python benchmarks/bench_mingru.py
 from grulab import MinGRU
 from grulab.kernels import cpu_model
 from grulab.lm.model import LanguageModel, ModelConfig
@@ -259,21 +259,25 @@ def scan_table(results: list[tuple[int, dict]], B: int, H: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", type=int, nargs="+", default=[35, 256, 1024], help="sequence lengths")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dim", type=int, default=256, help="D = input size = hidden size at the same width")
     ap.add_argument("--reps", type=int, default=15, help="interleaved repetitions per shape (medians)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"),
-                    help="markdown file whose bench_mingru section is replaced (default: benchmarks/results.md)")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    results_flags(ap)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's default, the number of cores)")
     ap.add_argument("--part", choices=["all", "layer", "lm"], default="all",
                     help="the scan and layer benchmarks, the language models' training tokens/s, or both "
                          "(each writes its own section)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
+    target = results_target(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.reps < 1 or args.batch < 1 or args.dim < 1 or min(args.T) < 1:
@@ -281,9 +285,9 @@ def main(argv=None) -> int:
     if args.part in ("all", "lm"):
         section = lm_section(args, argv)
         print("\n" + section)
-        if not args.no_write:
-            write_section(args.out, section, f"bench_mingru lm threads={torch.get_num_threads()}")
-            print(f"\nwrote its section of {args.out}")
+        if target is not None:
+            write_section(target, section, f"bench_mingru lm threads={torch.get_num_threads()}")
+            print(f"\nwrote its section of {target}")
         if args.part == "lm":
             return 0
     B, D = args.batch, args.dim
@@ -332,9 +336,9 @@ def main(argv=None) -> int:
     section = "\n".join(parts)
     print()
     print(section)
-    if not args.no_write:
-        write_section(args.out, section, f"bench_mingru threads={torch.get_num_threads()}")
-        print(f"\nwrote its section of {args.out}")
+    if target is not None:
+        write_section(target, section, f"bench_mingru threads={torch.get_num_threads()}")
+        print(f"\nwrote its section of {target}")
     return 0
 
 

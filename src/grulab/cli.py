@@ -8,11 +8,14 @@ per field, with its help text, choices and default read from the field
 (:func:`grulab.lm.config.option`), so the two never drift apart. Library errors
 name parameters ("hidden must be ..."); the CLI tells them as flags. Bad input
 ends in one line on stderr and a non-zero exit (2 for usage, 1 otherwise),
-never a traceback.
+never a traceback; so does a bad value of an environment variable grulab reads,
+checked before any command runs (:func:`check_environment`). A mistyped command,
+flag or choice gets the nearest valid one suggested.
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
@@ -29,10 +32,50 @@ from grulab.errors import ConfigError, GrulabError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line that points at --help."""
+    """argparse, but a usage error is one line that points at --help (main() puts "grulab: error: "
+    before it, once), and a mistyped command, choice or flag gets the nearest valid one suggested, as
+    Python 3.14's ``suggest_on_error`` does."""
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+    def _check_value(self, action, value):
+        if action.choices is None or value in action.choices:
+            return
+        choices = [str(c) for c in action.choices]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        if isinstance(action, argparse._SubParsersAction):
+            raise UsageError(f"unknown command {value!r}; did you mean {close[0]!r}?" if close else
+                             f"unknown command {value!r}; the commands are {', '.join(choices)} "
+                             f"(see {self.prog} --help)")
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise argparse.ArgumentError(action, f"invalid choice {value!r}{hint} (choose from {', '.join(choices)})")
+
+    def parse_args(self, args=None, namespace=None):
+        first = list(sys.argv[1:] if args is None else args)[:1]
+        if first and first[0].startswith("-") and self._subparsers is not None:  # `grulab --verison`
+            head = first[0].split("=", 1)[0]
+            if not any(o.startswith(head) for a in self._actions for o in a.option_strings):
+                self._unknown(argparse.Namespace(), first)
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._unknown(namespace, extras)
+        return namespace
+
+    def _unknown(self, namespace: argparse.Namespace, extras: list[str]):
+        """The words no command took: the first flag among them, with the nearest flag of its command."""
+        parser = self
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(namespace, "command", None) in action.choices:
+                parser = action.choices[namespace.command]
+        flags = [a for a in extras if a.startswith("-") and a != "-"]
+        if not flags:
+            parser.error(f"unexpected argument{'s' * (len(extras) > 1)}: {' '.join(extras)}")
+        name = flags[0].split("=", 1)[0]
+        known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(name, known, n=1)
+        where = f" for {parser.prog.removeprefix(self.prog).strip()}" if parser is not self else ""
+        parser.error(f"unknown flag {name}{where}" + (f"; did you mean {close[0]}?" if close else ""))
 
 
 class _Switch(argparse.BooleanOptionalAction):
@@ -202,7 +245,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     with _flag_errors():
         check_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
-    ckpt = checkpoint.load(Path(args.dir))
+    ckpt = checkpoint.load(Path(args.dir), note_live=True)
     gen = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     prefix = args.prefix if args.prefix is not None else "\n"
     sys.stdout.write(prefix)
@@ -222,7 +265,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grulab.lm.train import evaluate
     from grulab.lm.validate import finite_perplexity
 
-    ckpt = checkpoint.load(Path(args.dir))
+    ckpt = checkpoint.load(Path(args.dir), note_live=True)
     text = _as_trained(ckpt, load_corpus(args.textfile))
     tokens = tokenize(text, ckpt.vocab.level)
     ids = torch.tensor(encode_warning(ckpt.vocab, tokens, args.textfile), dtype=torch.long)
@@ -254,7 +297,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from grulab.lm.data import load_corpus
 
     text = args.text if args.text is not None else load_corpus(args.file)
-    ckpt = checkpoint.load(Path(args.dir))
+    ckpt = checkpoint.load(Path(args.dir), note_live=True)
     text = _as_trained(ckpt, text)
     path = viz.render(ckpt.model, ckpt.vocab, text, Path(args.out))
     print(f"wrote {path}")
@@ -325,13 +368,19 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     from grulab.kernels import plan
 
     dtype = getattr(torch, args.dtype)
-    if args.shape is not None:
-        if args.device != "cpu":
-            raise UsageError(f"--shape explains a CPU call; got --device {args.device}")
-        T, B, I, H = args.shape
-        print(plan.format_plan(plan.plan(T, B, I, H, train=args.train, dtype=dtype, reset_after=not args.reset_before)))
-        return 0
-    print(plan.report(kernels.Query(args.device, dtype, not args.reset_before)))
+    if args.shape is not None and args.device != "cpu":
+        raise UsageError(f"--shape explains a CPU call; got --device {args.device}")
+    try:
+        if args.shape is not None:
+            T, B, I, H = args.shape
+            print(plan.format_plan(plan.plan(T, B, I, H, train=args.train, dtype=dtype,
+                                             reset_after=not args.reset_before)))
+        else:
+            print(plan.report(kernels.Query(args.device, dtype, not args.reset_before)))
+    except RuntimeError as e:  # GRULAB_KERNEL forces a kernel that cannot run this query (kernels._select)
+        if f"{kernels.ENV}=" not in str(e):
+            raise
+        raise UsageError(str(e).removeprefix("grulab: ")) from None
     return 0
 
 
@@ -477,6 +526,97 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------- the environment
+# torchrun's variables that grulab reads (grulab.lm.distributed, _me): whole numbers from this low
+_WHOLE = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": 1, "MASTER_PORT": 1, "TORCHELASTIC_RESTART_COUNT": 0}
+_SWITCH = ("1", "0", "true", "false", "yes", "no", "on", "off")  # GRULAB_AUTOTUNE's values
+
+
+def check_environment(command: str) -> None:
+    """Every environment variable grulab reads, checked before any command runs: a bad value is one
+    line (UsageError, exit 2) naming the variable, its value and what it takes, before anything is
+    created in a run directory or trained.
+
+    GRULAB_KERNEL (a fused kernel this machine runs; its name alone for `grulab kernels`, which
+    explains the rest), GRULAB_AUTOTUNE (on or off), GRULAB_CACHE or XDG_CACHE_HOME (where a
+    directory can be made and written), torchrun's RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT, TORCHELASTIC_RESTART_COUNT and TORCHELASTIC_USE_AGENT_STORE, and OMP_NUM_THREADS.
+    """
+    env = os.environ
+
+    def bad(name: str, want: str) -> UsageError:
+        return UsageError(f"{name}={env[name]!r} {want}; fix or unset {name}")
+
+    for name, low in _WHOLE.items():
+        if name in env:
+            try:
+                value = int(env[name])
+            except ValueError:
+                raise bad(name, "is not a whole number") from None
+            top = 65535 if name == "MASTER_PORT" else None
+            if value < low or (top is not None and value > top):
+                raise bad(name, f"is out of range: it takes a whole number from {low}"
+                          + (f" to {top}" if top else " up"))
+    if "RANK" in env and "WORLD_SIZE" in env and int(env["RANK"]) >= int(env["WORLD_SIZE"]):
+        raise bad("RANK", f"is not below WORLD_SIZE={env['WORLD_SIZE']} (ranks count from 0)")
+    if "MASTER_ADDR" in env and not env["MASTER_ADDR"].strip():
+        raise bad("MASTER_ADDR", "is empty: it takes the host name or address of rank 0's machine")
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "True") not in ("True", "False"):
+        raise bad("TORCHELASTIC_USE_AGENT_STORE", "is not True or False (torchrun sets it)")
+    if env.get("OMP_NUM_THREADS", "").strip() and not all(v.strip().isdigit() and int(v) > 0
+                                                          for v in env["OMP_NUM_THREADS"].split(",")):
+        raise bad("OMP_NUM_THREADS", "is not a positive whole number (threads per process)")
+    if command == "train":
+        from grulab.lm.distributed import missing_env
+
+        missing = missing_env(env)
+        if missing:
+            raise UsageError(missing)
+    autotune = env.get("GRULAB_AUTOTUNE", "").strip().lower()
+    if autotune and autotune not in _SWITCH:
+        raise bad("GRULAB_AUTOTUNE", f"is not on or off: it takes {', '.join(_SWITCH)} (0 turns measuring off)")
+    _check_cache(env)
+    if command != "generate --onnx" and env.get("GRULAB_KERNEL", "").strip():
+        _check_kernel(command)
+
+
+def _check_cache(env) -> None:
+    """GRULAB_CACHE (or XDG_CACHE_HOME), where set: a directory grulab can make and write in."""
+    from grulab.cache import default_cache_dir
+
+    name = "GRULAB_CACHE" if env.get("GRULAB_CACHE") else "XDG_CACHE_HOME" if env.get("XDG_CACHE_HOME") else None
+    if name is None:
+        return  # ~/.cache/grulab: said when a command needs it and cannot make it
+    where = default_cache_dir()
+    fix = f"give {name} a writable directory (grulab's cache folder, created if missing) or unset it"
+    try:
+        blocker = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise UsageError(f"{name}={env[name]!r}: {blocker} is a file, not a directory; {fix}")
+        where.mkdir(parents=True, exist_ok=True)  # what its first use would do
+    except OSError as e:
+        raise UsageError(f"{name}={env[name]!r}: {where} cannot be created ({e.strerror}); {fix}") from None
+    if not os.access(where, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise UsageError(f"{name}={env[name]!r}: {where} is not writable; {fix}")
+
+
+def _check_kernel(command: str) -> None:
+    """GRULAB_KERNEL names a fused kernel (grulab.kernels.forced) and, for the commands that run a
+    model, one this machine runs."""
+    from grulab import kernels
+
+    try:
+        name = kernels.forced()
+    except ValueError as e:
+        raise UsageError(f"{e}; fix or unset {kernels.ENV} (grulab kernels lists them)") from None
+    if command == "kernels" or name is None:
+        return  # the report says what runs and why
+    why = kernels.BY_NAME[name].why_not(kernels.Query())
+    if why is not None:
+        raise UsageError(f"{kernels.ENV}={name} cannot run here: {why}; unset {kernels.ENV} or pick another "
+                         "kernel (grulab kernels lists them)")
+
+
 def _me() -> str:
     """Who speaks in an error line: grulab, with the rank on the other processes of a torchrun run."""
     rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
@@ -490,6 +630,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         onnx_path = argv[:1] == ["generate"] and any(a == "--onnx" or a.startswith("--onnx=") for a in argv)
         args = (_onnx_generate_parser() if onnx_path else build_parser()).parse_args(argv)
         args.argv = argv
+        check_environment("generate --onnx" if onnx_path else args.command)
         return args.func(args)
     except GrulabError as e:
         print(f"{_me()}: error: {e}", file=sys.stderr)

@@ -49,7 +49,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         import onnx
     except ImportError as e:
         raise _onnx_error(e) from None
-    ckpt = checkpoint.load(Path(args.dir))
+    ckpt = checkpoint.load(Path(args.dir), note_live=True)
     opset = DEFAULT_OPSET if args.opset is None else args.opset
     try:
         proto = build_onnx(ckpt.model, opset, ckpt.vocab)

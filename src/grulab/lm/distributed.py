@@ -138,6 +138,26 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
 
 
+def missing_env(env=None) -> Optional[str]:
+    """What :func:`setup` would miss to join a run of several processes (torchrun sets it all), as a
+    line to tell; None when nothing is missing or this is no such run. The values' forms are
+    checked by grulab.cli.check_environment."""
+    env = os.environ if env is None else env
+    if not ("TORCHELASTIC_RUN_ID" in env or ("WORLD_SIZE" in env and "RANK" in env)):
+        return None
+    try:
+        if int(env.get("WORLD_SIZE", "1")) == 1:
+            return None
+    except ValueError:
+        return None  # said by check_environment
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in env]
+    if not missing:
+        return None
+    return (f"WORLD_SIZE={env['WORLD_SIZE']} asks for a run of several processes, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set; start it with torchrun (which sets them all), "
+            "or grulab train --nproc N, or unset WORLD_SIZE")
+
+
 def setup(timeout: float) -> Dist:
     """Join the process group torchrun describes: gloo for CPU tensors, and NCCL for CUDA tensors
     where CUDA is available (each process on GPU ``LOCAL_RANK``).

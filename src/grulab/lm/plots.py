@@ -127,14 +127,19 @@ def pyplot():
 
 
 def perplexity_axis(ax, xlabel: str, ylabel: str) -> None:
-    """A log-scale perplexity axis with plain-number ticks, a grid and a legend."""
-    from matplotlib.ticker import ScalarFormatter
+    """A log-scale perplexity axis with plain-number ticks, a grid and a legend.
+
+    Every power of ten is labelled; the ticks between are labelled only while they have room
+    (all of them within half a decade, a few up to two decades, none over more), so that no two labels
+    overlap however far the perplexity falls (a long run: from hundreds to about 1).
+    """
+    from matplotlib.ticker import LogFormatter
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.grid(True, alpha=0.3)
     ax.legend()
 

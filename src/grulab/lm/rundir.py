@@ -32,23 +32,19 @@ CLAIM_TRIES = 20  # a busy lock is tried this often, 10 ms apart: holder()'s pro
 class RunDir:
     """A claimed run directory; leaving the ``with`` (or :meth:`release`) gives it up."""
 
-    def __init__(self, path: Path, fd: int, created: Sequence[Path] = ()) -> None:
+    def __init__(self, path: Path, fd: int, created: Sequence[Path] = (), made_lock: bool = False) -> None:
         self.path, self._fd = path, fd
         self.created = tuple(created)  # the directories claim() made, deepest first
+        self.made_lock = made_lock  # claim() made the lock file
 
     def abandon(self, files: Sequence[str]) -> None:
-        """Give the directory up after a run that saved nothing: remove ``files`` (what the run wrote)
-        and, if claim() created the directory, the directory itself (and the parents it made, when
-        empty), so the next command finds it as it was. Best effort: what cannot go stays."""
-        for name in files:
+        """Give the directory up after a run that saved nothing: remove ``files`` (what the run wrote),
+        the lock file and directories if claim() made them (the parents too, when empty), so that
+        the next command finds --out as it was. Best effort: what cannot go stays."""
+        for name in (*files, LOCK) if self.made_lock else files:
             path = self.path / name
             try:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            except OSError:
-                pass
-        if self.created:
-            try:
-                (self.path / LOCK).unlink()
             except OSError:
                 pass
         self.release()
@@ -138,7 +134,10 @@ def claim(out: Path, resume: bool = False, overwrite: bool = False,
     out = Path(out)
     created = make_dir(out)
     try:
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd, made_lock = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            fd, made_lock = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o666), False
     except OSError as e:
         raise GrulabError(f"--out {out} is not writable ({e.strerror}); give a writable directory") from None
     for attempt in range(CLAIM_TRIES):
@@ -153,7 +152,7 @@ def claim(out: Path, resume: bool = False, overwrite: bool = False,
             os.close(fd)
             raise GrulabError(f"--out {out} is in use by another grulab process ({who}); "
                               "wait for it to end or stop it, or give another --out") from None
-    run = RunDir(out, fd, created)
+    run = RunDir(out, fd, created, made_lock)
     try:
         try:  # who holds it, for the message above; a full disk may refuse even this
             os.ftruncate(fd, 0)
