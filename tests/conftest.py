@@ -47,3 +47,17 @@ def one_thread():
 def two_threads():
     """torch on two threads for the test (the thread governor chooses between 2 and 1)."""
     yield from _torch_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cases that ask torch.nn.GRU's own kernel (``kernel="torch"``) for the notes' reset-before
+    cell are not collected: that kernel computes only the reset-after cell, and grulab.GRU refuses
+    ``impl="torch", reset_after=False`` in its constructor (tested on its own). Every skip left
+    then names something this machine lacks (a CPU feature, Chromium, a CUDA device)."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        (dropped if params.get("kernel") == "torch" and params.get("reset_after") is False else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <exception>
 #include <optional>
 #include <string>
 #include <vector>
@@ -175,16 +176,27 @@ inline void gemm(const Tensor& A, const Tensor& B, Tensor& C, double beta) {
 // count on AMD EPYC Zen 4), so the governor's choice of 1 or 2 threads changes no result.
 // For the row-wise GEMMs where no tile of ours runs (float64, the generic loops).
 constexpr int64_t kRowBlockGemm = 64;
+// The OpenMP threads start with their own thread-local state (grad mode on), so each block runs
+// below autograd, and an error is carried out of the parallel region (an exception escaping it
+// would end the process).
 inline void gemm_by_rows(const Tensor& A, const Tensor& B, Tensor& C, double beta, int nt) {
   const int64_t rows = C.size(0), blocks = (rows + kRowBlockGemm - 1) / kRowBlockGemm;
   if (C.numel() == 0) return;
+  std::exception_ptr error;
 #pragma omp parallel for num_threads(std::max<int64_t>(1, std::min<int64_t>(nt, blocks))) schedule(static)
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const BlasThreads one(1);
-    const int64_t r0 = blk * kRowBlockGemm, n = std::min(kRowBlockGemm, rows - r0);
-    Tensor c = C.narrow(0, r0, n);
-    gemm(A.narrow(0, r0, n), B, c, beta);
+    try {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const BlasThreads one(1);
+      const int64_t r0 = blk * kRowBlockGemm, n = std::min(kRowBlockGemm, rows - r0);
+      Tensor c = C.narrow(0, r0, n);
+      gemm(A.narrow(0, r0, n), B, c, beta);
+    } catch (...) {
+#pragma omp critical(grulab_gemm_by_rows)
+      if (!error) error = std::current_exception();
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 void check_native_args(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
