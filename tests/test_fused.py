@@ -431,7 +431,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch):
     params = [p.detach() for p in make_params(4, 5, True, torch.float64)]
     out, _ = fused.gru_layer(x, h, *params)
     torch.testing.assert_close(out, reference.gru_layer(x, h, *params)[0])
-    with pytest.raises(RuntimeError, match="native GRU tier unavailable"):
+    with pytest.raises(RuntimeError, match="the native GRU kernels are unavailable here"):
         fused.gru_layer(x, h, *params, backend="native")
 
 

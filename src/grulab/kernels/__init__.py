@@ -143,13 +143,13 @@ def _select(impl: str, device: str, dtype: torch.dtype, reset_after: bool, force
     if force is not None and cands and cands[0].impl == "fused":
         reason = BY_NAME[force].why_not(q)
         if reason is not None:
-            raise RuntimeError(f"grulab: {ENV}={force} cannot run here: {reason}; "
+            raise RuntimeError(f"{ENV}={force} cannot run here: {reason}; "
                                f"unset {ENV} or pick another kernel (grulab kernels lists them)")
         return force
     for k in cands:
         if k.why_not(q) is None:
             return k.name
-    raise RuntimeError(f"grulab: no {impl} GRU kernel can run on {device} {dtype}")
+    raise RuntimeError(f"no {impl} GRU kernel can run on {device} {dtype}")
 
 
 _cache: dict = {}

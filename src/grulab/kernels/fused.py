@@ -357,7 +357,7 @@ def _tier(kernel: str):
         return _TorchTier, ()
     if kernel.startswith("native-"):
         return _NativeTier, (kernel[len("native-"):],)
-    raise ValueError(f"grulab: {kernel!r} is not a fused GRU kernel")
+    raise ValueError(f"{kernel!r} is not a fused GRU kernel")
 
 
 def native_available() -> bool:
@@ -380,15 +380,15 @@ def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
     if backend == "native":
         name, why = kernels.first_native(kernels.Query(x.device.type, x.dtype, reset_after))
         if name is None:
-            raise RuntimeError(f"grulab: native GRU tier unavailable ({why})")
+            raise RuntimeError(f"the native GRU kernels are unavailable here: {why}")
         return name
     k = kernels.BY_NAME.get(backend)
     if k is None or k.impl != "fused":
-        raise ValueError(f"grulab: unknown GRU backend {backend!r} (use 'native', 'torch' or a "
+        raise ValueError(f"unknown GRU backend {backend!r} (use 'native', 'torch' or a "
                          f"fused kernel name: {', '.join(n for n, k in kernels.BY_NAME.items() if k.impl == 'fused')})")
     why = k.why_not(kernels.Query(x.device.type, x.dtype, reset_after))
     if why is not None:
-        raise RuntimeError(f"grulab: kernel {backend} cannot run here: {why}")
+        raise RuntimeError(f"kernel {backend} cannot run here: {why}")
     return backend
 
 
