@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, {})
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="train with N processes on this machine: runs torchrun --standalone --nproc-per-node N "
-                   "(for several machines, run torchrun yourself; see the README) (default: 1)")
+                   "(for several machines, run torchrun yourself: docs/distributed.md) (default: 1)")
     p.set_defaults(func=cmd_train, config_defaults={})
 
     _add_generate(sub)
