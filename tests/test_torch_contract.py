@@ -78,6 +78,7 @@ from torch.testing import make_tensor
 
 import grulab
 from grulab import kernels, reference
+from grulab.kernels import fused
 
 # ---------------------------------------------------------------------------
 # Kernels: each one forced, plus impl="auto"
@@ -97,16 +98,8 @@ def impl_of(target: str) -> str:
 
 
 def _clear_kernel_caches() -> None:
-    """The kernel choice is cached per signature (grulab.kernels) and per kind of call (grulab.fused)."""
-    cache = getattr(kernels, "_cache", None)
-    if isinstance(cache, dict):
-        cache.clear()
-    for module in ("grulab.fused", "grulab.kernels.fused"):
-        fused = sys.modules.get(module)
-        for name in ("_eager_layers", "_eager_steps"):
-            c = getattr(fused, name, None)
-            if isinstance(c, dict):
-                c.clear()
+    """The kernel choice is cached per signature (grulab.kernels) and per kind of call (fused)."""
+    fused.forget_choices()
 
 
 @contextlib.contextmanager

@@ -332,8 +332,24 @@ class _NativeTier:
     (measured, so a core taken by another process does not stall every step)."""
 
     @staticmethod
+    def key(kind: str, isa: str, shape: tuple, H: int, dtype: torch.dtype, reset_after: bool, flag: bool) -> tuple:
+        """The thread governor's key for a call: kind ("forward" or "backward"), the ISA, x's
+        (T, B, I), H, dtype, cell form, and save (forward) or need_x (backward)."""
+        return (kind, isa, shape, H, dtype, reset_after, flag)
+
+    @staticmethod
+    def threads_in_use(isa: str, shape: tuple, H: int, dtype: torch.dtype, reset_after: bool) -> Optional[int]:
+        """The count the governor uses now for calls of this shape (None: not timed yet)."""
+        counts = threads.snapshot()
+        for kind, flag in (("forward", True), ("backward", True), ("forward", False), ("backward", False)):
+            n = counts.get(_NativeTier.key(kind, isa, shape, H, dtype, reset_after, flag))
+            if n is not None:
+                return n
+        return None
+
+    @staticmethod
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool, isa: str):
-        key = ("forward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, save)
+        key = _NativeTier.key("forward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, save)
         out, h_T, saved = threads.timed(key, lambda n: native.load().forward(
             x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, isa, n))
         return out, h_T, ((saved,) if save else None)
@@ -341,7 +357,7 @@ class _NativeTier:
     @staticmethod
     def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
                  has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool, isa: str):
-        key = ("backward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, need_x)
+        key = _NativeTier.key("backward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, need_x)
         return tuple(threads.timed(key, lambda n: native.load().backward(
             grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0], reset_after, has_b_ih, has_b_hh,
             need_x, need_h0, isa, n, 0)))  # 0: the C++ side sizes the chunks of steps
@@ -555,13 +571,15 @@ class _Layer(torch.autograd.Function):
         x, h0, w_ih, w_hh, b_ih, b_hh, out = ctx.saved_tensors
         saved = ctx.saved
         need = ctx.needs_input_grad  # (x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, kernel)
-        batched = not (_plain(grad_out) and _plain(grad_hT))
-        if (torch.is_grad_enabled() and _plain(x)) or (batched and _plain(x)):
-            grads = _differentiable_backward((x, h0, w_ih, w_hh, b_ih, b_hh), need, ctx.reset_after,
-                                             grad_out, grad_hT)
-            return (*grads, None, None)
+        if _plain(x):  # eager: a graph of its own (create_graph) or batched gradients need the equations
+            if torch.is_grad_enabled() or not (_plain(grad_out) and _plain(grad_hT)):
+                grads = _differentiable_backward((x, h0, w_ih, w_hh, b_ih, b_hh), need, ctx.reset_after,
+                                                 grad_out, grad_hT)
+                return (*grads, None, None)
+            backward = _backward_impl
+        else:  # fake or functional tensors (compile, export): the operator, traced
+            backward = torch.ops.grulab.gru_backward
         has_b_ih, has_b_hh = b_ih is not None and need[4], b_hh is not None and need[5]
-        backward = _backward_impl if _plain(x) and not batched else torch.ops.grulab.gru_backward
         dx, dh0, dw_ih, dw_hh, db_ih, db_hh = backward(
             grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, ctx.reset_after, has_b_ih, has_b_hh,
             need[0], need[1], ctx.kernel)

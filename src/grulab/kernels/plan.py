@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from grulab import kernels
-from grulab.kernels import autotune, native, threads
+from grulab.kernels import autotune, fused, native
 
 __all__ = ["plan", "format_plan", "report"]
 
@@ -46,10 +46,9 @@ def _auto_choice(T: int, B: int, I: int, H: int, dtype: torch.dtype, reset_after
 
 
 def _governor_threads(isa: str, T: int, B: int, I: int, H: int, dtype, reset_after: bool) -> tuple[int, str]:
-    counts = threads.snapshot()
-    for key, n in counts.items():
-        if key[1:6] == (isa, (T, B, I), H, dtype, reset_after):
-            return n, "the thread governor's count for this shape"
+    n = fused._NativeTier.threads_in_use(isa, (T, B, I), H, dtype, reset_after)
+    if n is not None:
+        return n, "the thread governor's count for this shape"
     return torch.get_num_threads(), "torch's thread count (the governor has not timed this shape)"
 
 
