@@ -52,6 +52,45 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
   }
 }
 
+// A chunk's share of the weight gradients and dX in bf16 (BackwardPlan::bf16): each product one
+// bf16 GEMM of torch's (oneDNN: float32 sums inside, AMX where the CPU has it, AVX512-BF16
+// else), its result rounded once to bf16 and added to the float32 gradient (beta 0: set).
+// dgb (n*B, gsb) bf16 gate gradients in the loop's layout; x_c (n*B, I); hprev (B, H)
+// h_{t0-1}, out_prev (n-1, B, H); saved_c (n, B, 4H) (reset_after=False: its c = r ⊙ h_{t-1}).
+static void chunk_grads_bf16(const Tensor& dgb, const Tensor& x_c, const Tensor& w_ih, const Tensor& hprev,
+                             const Tensor& out_prev, const Tensor& saved_c, bool reset_after, Tensor dx_c,
+                             Tensor& dw_ih, Tensor& dw_hh, double beta, Tensor& w_ihb) {
+  const int64_t nB = dgb.size(0), H = hprev.size(1), B = hprev.size(0);
+  const auto bf16 = hprev.options().dtype(at::kBFloat16);
+  auto add = [&](Tensor dst, const Tensor& prod, double b) {
+    if (b == 0.0) {
+      dst.copy_(prod);
+    } else {
+      dst.add_(prod);
+    }
+  };
+  if (!w_ihb.defined()) w_ihb = w_ih.to(at::kBFloat16);  // (3H, I)
+  const Tensor xb = x_c.to(at::kBFloat16);                 // (n*B, I)
+  // dG_x's gate blocks: reset_after [r z | gap | n] (columns [0, 2H) and [3H, 4H)), else [r z n].
+  const Tensor gx_rz = dgb.narrow(1, 0, 2 * H), gx_n = dgb.narrow(1, reset_after ? 3 * H : 2 * H, H);
+  if (dx_c.defined()) {  // (n*B, I) = dG_x (n*B, 3H) @ W_ih (3H, I)
+    dx_c.copy_(at::mm(gx_rz, w_ihb.narrow(0, 0, 2 * H)));
+    dx_c.add_(at::mm(gx_n, w_ihb.narrow(0, 2 * H, H)));
+  }
+  add(dw_ih.narrow(0, 0, 2 * H), at::mm(gx_rz.t(), xb), beta);  // (2H, I) += (2H, n*B) @ (n*B, I)
+  add(dw_ih.narrow(0, 2 * H, H), at::mm(gx_n.t(), xb), beta);   // (H, I)
+  Tensor hb = at::empty({nB, H}, bf16);  // (n*B, H) [h_{t0-1}; h_{t0} .. h_{t1-2}] in bf16
+  hb.narrow(0, 0, B).copy_(hprev);
+  if (nB > B) hb.narrow(0, B, nB - B).copy_(out_prev.reshape({nB - B, H}));
+  if (reset_after) {  // (3H, H) += dG_h^T (3H, n*B) @ H_prev (n*B, H)
+    add(dw_hh, at::mm(dgb.narrow(1, 0, 3 * H).t(), hb), beta);
+  } else {
+    add(dw_hh.narrow(0, 0, 2 * H), at::mm(gx_rz.t(), hb), beta);  // (2H, H)
+    const Tensor rh = saved_c.narrow(2, 3 * H, H).reshape({nB, H}).to(at::kBFloat16);  // (n*B, H) r ⊙ h_{t-1}
+    add(dw_hh.narrow(0, 2 * H, H), at::mm(gx_n.t(), rh), beta);  // (H, H)
+  }
+}
+
 // Steps per chunk. The time loop runs over chunks of steps, from the last chunk
 // to the first, and the weight gradients are summed chunk by chunk, so the
 // gradient buffer holds one chunk, not the whole sequence: at (B, T, H) =
@@ -66,8 +105,8 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
 // is about 8 Mi elements of (B, 3H) rows, with at least 2048 rows (steps · B) so
 // that the weight GEMMs stay efficient. The chunks are then made equal (T = 35
 // in chunks of at most 10: 9, 9, 9, 8 rather than 10, 10, 10, 5).
-int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes) {
-  const int64_t in_l2 = l2_bytes() / (2 * B * 3 * H * elem_bytes);  // 0 where L2 is unknown
+int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes, bool fit_l2) {
+  const int64_t in_l2 = fit_l2 ? l2_bytes() / (2 * B * 3 * H * elem_bytes) : 0;  // 0 where L2 is unknown
   const int64_t by_size = (int64_t(8) << 20) / (B * 3 * H), by_rows = (2048 + B - 1) / B;
   const int64_t most = in_l2 >= 4 ? std::min(in_l2, Tn) : std::clamp<int64_t>(std::max(by_size, by_rows), 1, Tn);
   const int64_t chunks = (Tn + most - 1) / most;
@@ -125,6 +164,11 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   const int64_t used = reset_after ? 4 * H : 3 * H, elem = x.element_size();
   const int64_t gs = used * elem % 1024 == 0 ? used + 64 / elem : used;
   Tensor dg = scratch(kDg, {Tc, B, gs}, opts);
+  // bf16: the loop writes each gate gradient row a second time, rounded to bf16, into dgb (same
+  // layout, its own pad), which its per-step GEMMs and the chunk's GEMMs below read.
+  const int64_t gsb = used * 2 % 1024 == 0 ? used + 32 : used;
+  Tensor dgb = plan.bf16 ? scratch(kDgBf16, {Tc, B, gsb}, opts.dtype(at::kBFloat16)) : Tensor();
+  uint16_t* const dgb_ptr = plan.bf16 ? reinterpret_cast<uint16_t*>(dgb.data_ptr()) : nullptr;
 
   const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous(), w_ihc = w_ih.contiguous();
   const int nt = plan.threads;
@@ -140,6 +184,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   Tensor dw_ih = dw_ih_narrow ? at::zeros({3 * H, I}, opts) : at::empty({3 * H, I}, opts);
   Tensor dw_hh = at::empty({3 * H, H}, opts);
 
+  Tensor w_ihb;  // bf16: W_ih rounded to bf16 once (chunk_grads_bf16)
   for (int64_t t1 = Tn; t1 > 0;) {  // the chunk of steps [t0, t1), last chunk first
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc), n = t1 - t0;
     const double beta = t1 == Tn ? 0.0 : 1.0;             // the first chunk sets the weight gradients
@@ -152,7 +197,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
                           n, B, H, reset_after, need_dh, dg.data_ptr<float>(), gs,
                           db.defined() ? db.data_ptr<float>() : nullptr,
                           db_part.defined() ? db_part.data_ptr<float>() : nullptr,
-                          packed ? w_cols.data_ptr<float>() : nullptr, t1 < Tn, by_rows, nt);
+                          packed ? w_cols.data_ptr<float>() : nullptr, t1 < Tn, by_rows, nt, dgb_ptr, gsb);
     } else {
       ops.backward_loop_d(grad_out.data_ptr<double>() + t0 * go_step, go_step, dh.data_ptr<double>(),
                           hprev.data_ptr<double>(), w_hhc.data_ptr<double>(),
@@ -160,7 +205,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
                           n, B, H, reset_after, need_dh, dg.data_ptr<double>(), gs,
                           db.defined() ? db.data_ptr<double>() : nullptr,
                           db_part.defined() ? db_part.data_ptr<double>() : nullptr, nullptr, t1 < Tn,
-                          false, nt);
+                          false, nt, nullptr, 0);
     }
 
     // This chunk's share of the gradients batched over time: one GEMM each. dG_x is
@@ -172,6 +217,13 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
       return dg2.narrow(1, g0 + (g0 >= 2 * H ? gap : 0), units);
     };
     const Tensor x_c = x.narrow(0, t0, n).reshape({n * B, I});  // (n*B, I)
+    if (plan.bf16) {
+      chunk_grads_bf16(dgb.narrow(0, 0, n).view({n * B, gsb}), x_c, w_ihc, hprev, out.narrow(0, t0, n - 1),
+                       saved.narrow(0, t0, n), reset_after, need_x ? dx.narrow(0, t0, n).view({n * B, I}) : Tensor(),
+                       dw_ih, dw_hh, beta, w_ihb);
+      t1 = t0;
+      continue;
+    }
     if (need_x) {
       Tensor dx_c = dx.narrow(0, t0, n).view({n * B, I});  // (n*B, I) = dG_x (n*B, 3H) @ W_ih (3H, I)
       if (dx_packed) {

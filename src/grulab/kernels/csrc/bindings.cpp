@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         fwd["threads"] = f.threads;
         fwd["packed"] = f.packed;
         fwd["split"] = f.by_rows ? "rows" : "units";
+        fwd["bf16"] = f.bf16;
         bwd["threads"] = b.threads;
         bwd["packed"] = b.packed;
         bwd["split"] = b.by_rows ? "rows" : "units";
@@ -29,6 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         bwd["bias_sums_by_row_blocks"] = b.blocked_bias;
         bwd["dx_tile"] = b.dx_packed;
         bwd["dw_ih_narrow_tile"] = b.dw_ih_narrow;
+        bwd["bf16"] = b.bf16;
         out["forward"] = fwd;
         out["backward"] = bwd;
         out["l2_bytes"] = grulab::l2_bytes();

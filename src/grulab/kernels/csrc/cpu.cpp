@@ -16,11 +16,14 @@ bool cpu_supports(const char* name) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  if (std::strcmp(name, "avx512bf16") == 0)
+    return cpu_supports("avx512") && __builtin_cpu_supports("avx512bf16");
   return false;
 }
 
 const IsaOps* isa_ops(const char* name) {
   if (!cpu_supports(name)) return nullptr;
+  if (std::strcmp(name, "avx512bf16") == 0) return &avx512bf16::ops;
   if (std::strcmp(name, "avx512") == 0) return &avx512::ops;
   if (std::strcmp(name, "avx2") == 0) return &avx2::ops;
   return &generic::ops;

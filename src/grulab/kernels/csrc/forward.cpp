@@ -59,19 +59,31 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
   const int nt = plan.threads;
   if (plan.packed) {
     const int64_t P = (H + ops.panel - 1) / ops.panel;  // panels of one register of units
+    const int64_t Ip = (I + 1) / 2 * 2;                  // bf16: x's rows padded to pairs
     Tensor pack_hh = scratch(kPackHH, {P * H * 3 * ops.panel}, at::kFloat);
-    Tensor pack_ih = scratch(kPackIH, {P * I * 3 * ops.panel}, at::kFloat);
+    Tensor pack_ih = scratch(kPackIH, {P * Ip * 3 * ops.panel}, at::kFloat);
     Tensor bias = at::zeros({4 * H}, opts);  // [b_ir + b_hr | b_iz + b_hz | b_in | b_hn]
     if (b_ih.defined()) bias.narrow(0, 0, 3 * H).add_(b_ih);
     if (b_hh.defined()) {
       bias.narrow(0, 0, 2 * H).add_(b_hh.narrow(0, 0, 2 * H));
       bias.narrow(0, 3 * H, H).add_(b_hh.narrow(0, 2 * H, H));
     }
-    ops.forward_packed(x.data_ptr<float>(), h0.data_ptr<float>(),
-                       all_zero(h0.data_ptr<float>(), h0.numel()), w_ih.data_ptr<float>(),
-                       w_hh.data_ptr<float>(), bias.data_ptr<float>(), Tn, B, I, H, save,
-                       reset_after, out.data_ptr<float>(), saved.data_ptr<float>(),
-                       pack_hh.data_ptr<float>(), pack_ih.data_ptr<float>(), plan.by_rows, nt);
+    // bf16 (loops_bf16.inc): x and h0 rounded to bf16 here, x's rows padded with a zero to
+    // an even length; h_{t-1}'s bf16 rows then alternate between hbf[0] and hbf[1].
+    Tensor xb, hbf, cbf;
+    if (plan.bf16) {
+      xb = Ip == I ? x.to(at::kBFloat16) : at::zeros({Tn, B, Ip}, x.options().dtype(at::kBFloat16));
+      if (Ip != I) xb.narrow(2, 0, I).copy_(x);
+      hbf = at::empty({2, B, H}, x.options().dtype(at::kBFloat16));
+      hbf[0].copy_(h0);
+      if (!reset_after) cbf = at::empty({B, H}, x.options().dtype(at::kBFloat16));
+    }
+    auto bf = [](const Tensor& t) { return t.defined() ? reinterpret_cast<uint16_t*>(t.data_ptr()) : nullptr; };
+    (plan.bf16 ? ops.forward_packed_bf : ops.forward_packed)(
+        x.data_ptr<float>(), h0.data_ptr<float>(), all_zero(h0.data_ptr<float>(), h0.numel()),
+        w_ih.data_ptr<float>(), w_hh.data_ptr<float>(), bias.data_ptr<float>(), Tn, B, I, H, save,
+        reset_after, out.data_ptr<float>(), saved.data_ptr<float>(), pack_hh.data_ptr<float>(),
+        pack_ih.data_ptr<float>(), plan.by_rows, nt, bf(xb), Ip, bf(hbf), bf(cbf));
     return {out, out[Tn - 1].clone(), saved};
   }
 

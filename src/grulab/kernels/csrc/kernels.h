@@ -123,12 +123,20 @@ class PanelQueue {
 struct IsaOps {
   const char* name;
   bool packed;
+  bool bf16;  // the bf16 table: forward_packed_bf and the backward's dgb path (loops_bf16.inc)
   int64_t panel, cols;
   int64_t rows;  // batch rows of the packed kernels' widest register tile (4, or 8 on AVX-512)
   void (*forward_packed)(const float* x, const float* h0, bool h0_zero, const float* w_ih, const float* w_hh,
                          const float* bias4, int64_t Tn, int64_t B, int64_t I, int64_t H,
                          bool save, bool reset_after, float* out, float* saved, float* pack_hh,
-                         float* pack_ih, bool by_rows, int nt);
+                         float* pack_ih, bool by_rows, int nt, const uint16_t* xb, int64_t Ip,
+                         uint16_t* hbf, uint16_t* cbf);
+  // The same with bf16 products (loops_forward.inc, kBf): null but in the bf16 table.
+  void (*forward_packed_bf)(const float* x, const float* h0, bool h0_zero, const float* w_ih, const float* w_hh,
+                            const float* bias4, int64_t Tn, int64_t B, int64_t I, int64_t H,
+                            bool save, bool reset_after, float* out, float* saved, float* pack_hh,
+                            float* pack_ih, bool by_rows, int nt, const uint16_t* xb, int64_t Ip,
+                            uint16_t* hbf, uint16_t* cbf);
   void (*forward_loop_f)(const float* gx, const float* h0, const float* w_hh, const float* b_hh,
                          int64_t Tn, int64_t B, int64_t H, bool reset_after, bool save,
                          float* out, float* saved, int nt);
@@ -145,12 +153,12 @@ struct IsaOps {
                           const float* w_hh, const float* out, const float* saved, int64_t Tn,
                           int64_t B, int64_t H, bool reset_after, bool need_dh0, float* dg, int64_t ldg,
                           float* db, float* db_part, float* w_cols, bool w_cols_ready,
-                          bool by_rows, int nt);
+                          bool by_rows, int nt, uint16_t* dgb, int64_t ldgb);
   void (*backward_loop_d)(const double* grad_out, int64_t go_step, double* dh, const double* h0,
                           const double* w_hh, const double* out, const double* saved,
                           int64_t Tn, int64_t B, int64_t H, bool reset_after, bool need_dh0,
                           double* dg, int64_t ldg, double* db, double* db_part, double* w_cols,
-                          bool w_cols_ready, bool by_rows, int nt);
+                          bool w_cols_ready, bool by_rows, int nt, uint16_t* dgb, int64_t ldgb);
   // C (M, N) += A (M, K) @ W (K, N) on nt threads (packed tiles); a_t: A is stored
   // transposed, (K, M) with row length lda (then a narrow tile that packs nothing,
   // for small N). A's columns from `split` on (M's if a_t, else K's) are read `gap`
@@ -163,8 +171,9 @@ struct IsaOps {
 namespace generic { extern const IsaOps ops; }
 namespace avx2 { extern const IsaOps ops; }
 namespace avx512 { extern const IsaOps ops; }
+namespace avx512bf16 { extern const IsaOps ops; }
 
-// The table for `name` ("generic", "avx2", "avx512"), or null if this CPU
+// The table for `name` ("generic", "avx2", "avx512", "avx512bf16"), or null if this CPU
 // cannot run it or the name is unknown (cpu.cpp).
 const IsaOps* isa_ops(const char* name);
 // Whether this CPU (and OS) can run `name`.

@@ -19,7 +19,7 @@ namespace grulab {
 using at::Tensor;
 
 // Scratch buffers kept from call to call (scratch.cpp).
-enum ScratchSlot { kGx = 0, kDg = 1, kPackHH = 2, kPackIH = 3, kPackCols = 4, kDbPart = 5, kNumSlots = 6 };
+enum ScratchSlot { kGx = 0, kDg = 1, kPackHH = 2, kPackIH = 3, kPackCols = 4, kDbPart = 5, kDgBf16 = 6, kNumSlots = 7 };
 Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts);
 void release_scratch();
 
@@ -77,6 +77,7 @@ struct ForwardPlan {
   int threads;   // threads of the time loop (loop_threads)
   bool by_rows;  // the packed loop splits batch rows, not hidden units (split_rows / rows_reset_before)
   bool packed;   // weights packed once per call into register panels (else a GEMM per step)
+  bool bf16;     // the packed loop's products in bf16 (the bf16 table; H even: no padded pairs)
 };
 inline ForwardPlan forward_plan(const IsaOps& ops, bool is_float, int64_t B, int64_t I, int64_t H,
                                 bool reset_after, int64_t threads) {
@@ -85,6 +86,7 @@ inline ForwardPlan forward_plan(const IsaOps& ops, bool is_float, int64_t B, int
   p.by_rows = reset_after ? split_rows(ops, B, 3 * H * (H + I), p.threads)
                           : rows_reset_before(ops, B, 3 * H * (H + I));
   p.packed = ops.packed && is_float && B > 1 && (reset_after || p.by_rows);
+  p.bf16 = ops.bf16 && p.packed && H % 2 == 0;
   return p;
 }
 
@@ -98,9 +100,11 @@ struct BackwardPlan {
   int64_t chunk;      // steps per chunk: the gradient buffer holds one chunk (chunk_steps)
   bool dx_packed;     // dX by the packed tile (else MKL)
   bool dw_ih_narrow;  // dW_ih by the narrow tile, I <= kNarrowDwIhMaxI (else MKL)
+  bool bf16;          // bf16 operands: the per-step GEMM (bf16 panels) and the chunk's weight GEMMs and dX
+                      // (torch's bf16 matmul, oneDNN: AMX where the CPU has it); the bf16 table, packed, H even
 };
 constexpr int64_t kNarrowDwIhMaxI = 64;  // dW_ih by our narrow tile up to this many inputs
-int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes);
+int64_t chunk_steps(int64_t Tn, int64_t B, int64_t H, int64_t elem_bytes, bool fit_l2 = true);
 inline BackwardPlan backward_plan(const IsaOps& ops, bool is_float, int64_t Tn, int64_t B, int64_t I,
                                   int64_t H, bool reset_after, bool need_x, bool has_bias,
                                   int64_t threads, int64_t chunk) {
@@ -123,6 +127,11 @@ inline BackwardPlan backward_plan(const IsaOps& ops, bool is_float, int64_t Tn, 
   // (3H, T*B) @ (T*B, 28) at ≈80 GFLOP/s; the tile reads dG_x in place, row by row, and
   // like every native GEMM here does not depend on the thread count.
   p.dw_ih_narrow = is_float && ops.packed && I <= kNarrowDwIhMaxI;
+  p.bf16 = ops.bf16 && p.packed && H % 2 == 0;
+  if (p.bf16) p.dx_packed = p.dw_ih_narrow = false;
+  // bf16: chunks by size only (chunk_steps without its L2 rule): the weight GEMMs are oneDNN
+  // calls, a few per chunk, and at (32, 35, 28, 256) L2-sized chunks of 5 steps made 7 rounds of them.
+  if (p.bf16 && chunk <= 0) p.chunk = chunk_steps(Tn, B, H, 2, false);
   return p;
 }
 
