@@ -14,6 +14,8 @@ its two tiers), :mod:`~grulab.kernels.native` (building and loading ``csrc/``),
 ========================  ======================================================
 kernel                    what it is
 ========================  ======================================================
+``native-avx512bf16``     the AVX-512 loops with bf16 products (AVX512-BF16), for
+                          torch.autocast("cpu", torch.bfloat16) and bfloat16 parameters
 ``native-avx512``         csrc/ loops compiled for AVX-512 (CPU, float32/64)
 ``native-avx2``           csrc/ loops compiled for AVX2 + FMA (CPU, float32/64)
 ``native-generic``        csrc/ loops for any x86-64 CPU (CPU, float32/64)
@@ -25,6 +27,12 @@ kernel                    what it is
 The AVX2 and AVX-512 builds run float32 on weights packed once per call into register
 panels, both cell forms (reset-after, and the notes' reset-before where the batch has 8 rows
 or more and the weights fit in one core's L2); ``plan()`` says what a shape runs.
+
+Mixed precision. Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (and for bfloat16
+parameters) ``native-avx512bf16`` runs the products in bf16 with float32 sums, and keeps the
+hidden state, the gate arithmetic, the saved gates and the results in float32 (bfloat16
+parameters get bfloat16 results and gradients, computed the same way). Where the CPU has no
+bf16 units the float32 kernels run the autocast call in float32: its ``why_not`` says so.
 
 ``impl="fused"`` means the first of the native kernels this CPU runs, else
 ``fused-torch``; ``impl="auto"`` means ``torch`` (cuDNN) on CUDA for the
@@ -57,6 +65,7 @@ class Query:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     reset_after: bool = True
+    autocast: bool = False  # under torch.autocast("cpu", dtype=torch.bfloat16): bf16 products wanted
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,28 @@ def _native(isa: str) -> Callable[[Query], Optional[str]]:
     return why_not
 
 
+def _native_bf16(q: Query) -> Optional[str]:
+    reasons = []
+    if q.device != "cpu":
+        reasons.append(f"CPU tensors only (got {q.device})")
+    if q.dtype == torch.float32 and not q.autocast:
+        reasons.append("runs under torch.autocast('cpu', dtype=torch.bfloat16) or on bfloat16 parameters")
+    elif q.dtype not in (torch.float32, torch.bfloat16):
+        reasons.append(f"float32 under autocast and bfloat16 only (got {str(q.dtype).replace('torch.', '')})")
+    mod = native.load()
+    if mod is None:
+        reasons.append(f"native extension unavailable ({native.error()})")
+    elif not mod.cpu_supports("avx512bf16"):
+        reasons.append("this CPU has no bf16 units (AVX512-BF16)")
+    return "; ".join(reasons) or None
+
+
+def has_bf16_units() -> bool:
+    """Whether this CPU runs the bf16 kernel (AVX512-BF16; CPUs with AMX have it too)."""
+    mod = native.load()
+    return mod is not None and bool(mod.cpu_supports("avx512bf16"))
+
+
 def _fused_torch(q: Query) -> Optional[str]:
     return None if q.dtype.is_floating_point else f"floating dtypes only (got {q.dtype})"
 
@@ -93,6 +124,8 @@ def _torch(q: Query) -> Optional[str]:
 
 
 KERNELS: tuple[Kernel, ...] = (
+    Kernel("native-avx512bf16", "fused", "AVX-512 loops with bf16 products (vdpbf16ps), float32 state",
+           _native_bf16),
     Kernel("native-avx512", "fused", "C++ loops compiled for AVX-512", _native("avx512")),
     Kernel("native-avx2", "fused", "C++ loops for AVX2+FMA, packed micro-kernels", _native("avx2")),
     Kernel("native-generic", "fused", "C++ loops for any x86-64 CPU", _native("generic")),
@@ -137,8 +170,9 @@ def explain(impl: str = "auto", query: Query = Query()) -> list[tuple[Kernel, Op
     return [(k, k.why_not(query), k.name == chosen.name) for k in _candidates(impl, query)]
 
 
-def _select(impl: str, device: str, dtype: torch.dtype, reset_after: bool, force: Optional[str]) -> str:
-    q = Query(device, dtype, reset_after)
+def _select(impl: str, device: str, dtype: torch.dtype, reset_after: bool, force: Optional[str],
+            autocast: bool = False) -> str:
+    q = Query(device, dtype, reset_after, autocast)
     cands = _candidates(impl, q)
     if force is not None and cands and cands[0].impl == "fused":
         reason = BY_NAME[force].why_not(q)
@@ -156,19 +190,25 @@ _cache: dict = {}
 
 
 @torch.compiler.assume_constant_result
-def select_name(impl: str, device: str, dtype: torch.dtype, reset_after: bool) -> str:
-    """The name of the kernel that runs ``impl`` for this call (cached per signature)."""
+def select_name(impl: str, device: str, dtype: torch.dtype, reset_after: bool, autocast: bool = False) -> str:
+    """The name of the kernel that runs ``impl`` for this call (cached per signature); ``autocast``:
+    the call runs under torch.autocast("cpu", dtype=torch.bfloat16) (:func:`bf16_autocast`)."""
     force = forced()
-    key = (impl, device, dtype, reset_after, force)
+    key = (impl, device, dtype, reset_after, force, autocast)
     name = _cache.get(key)
     if name is None:
-        name = _cache[key] = _select(impl, device, dtype, reset_after, force)
+        name = _cache[key] = _select(impl, device, dtype, reset_after, force, autocast)
     return name
+
+
+def bf16_autocast(device: str = "cpu") -> bool:
+    """Whether calls on ``device`` run under torch.autocast with dtype bfloat16 (the CPU only)."""
+    return device == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def select(impl: str = "auto", query: Query = Query()) -> Kernel:
     """The kernel that runs ``impl`` ("auto", "fused", "torch", "reference") for ``query``."""
-    return BY_NAME[select_name(impl, query.device, query.dtype, query.reset_after)]
+    return BY_NAME[select_name(impl, query.device, query.dtype, query.reset_after, query.autocast)]
 
 
 def cpu_model() -> str:

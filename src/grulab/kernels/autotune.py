@@ -10,7 +10,8 @@ candidate that can run it, on random inputs of that shape, and keeps the
 fastest:
 
 * the first native kernel of :mod:`grulab.kernels` this CPU runs (AVX-512,
-  AVX2 or generic loops),
+  AVX2 or generic loops); under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the bf16
+  kernel as well, where the CPU has bf16 units (so auto is never slower than float32),
 * ``fused-torch``, the same algorithm in torch operations,
 * ``torch``, torch.nn.GRU's own kernels (``reset_after=True`` only).
 
@@ -76,16 +77,19 @@ def signature(module, input: torch.Tensor, hx: Optional[torch.Tensor], grad: boo
             f"dirs={2 if module.bidirectional else 1} bias={module.bias} "
             f"dtype={str(input.dtype).replace('torch.', '')} reset_after={module.reset_after} "
             f"h0={hx is not None} {'fwd+bwd' if grad else 'fwd'} "
-            f"dropout={module.dropout > 0 and module.training} threads={torch.get_num_threads()}")
+            f"dropout={module.dropout > 0 and module.training} threads={torch.get_num_threads()}"
+            + (" autocast=bf16" if kernels.bf16_autocast(input.device.type) else ""))
 
 
 def candidates(query: kernels.Query) -> list[str]:
     """Kernel names that can run ``query``, the static choice first."""
     names = []
-    for name in (kernels.first_native(query)[0], "fused-torch", "torch"):
-        if name is not None and kernels.BY_NAME[name].why_not(query) is None:
+    # Under bf16 autocast the bf16 kernel and the float32 one both (auto is never slower than float32).
+    float32 = kernels.Query(query.device, query.dtype, query.reset_after)
+    for name in (kernels.first_native(query)[0], kernels.first_native(float32)[0], "fused-torch", "torch"):
+        if name is not None and name not in names and kernels.BY_NAME[name].why_not(query) is None:
             names.append(name)
-    static = kernels.select_name("auto", query.device, query.dtype, query.reset_after)
+    static = kernels.select_name("auto", query.device, query.dtype, query.reset_after, query.autocast)
     return sorted(names, key=lambda n: n != static)
 
 
@@ -94,14 +98,15 @@ def choose(module, input: torch.Tensor, hx: Optional[torch.Tensor],
     """The kernel for this call of ``module`` (a grulab.GRU with impl="auto", CPU input (T, B, I)).
 
     ``run(x, hx, kernel)`` is the module's forward with a fixed kernel."""
+    mixed = kernels.bf16_autocast(input.device.type)
     if kernels.forced() is not None or not enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return kernels.select_name("auto", input.device.type, input.dtype, module.reset_after)
+        return kernels.select_name("auto", input.device.type, input.dtype, module.reset_after, mixed)
     grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in module.parameters()))
     key = signature(module, input, hx, grad)
     name = _choices.get(key)
     if name is not None:
         return name
-    query = kernels.Query(input.device.type, input.dtype, module.reset_after)
+    query = kernels.Query(input.device.type, input.dtype, module.reset_after, mixed)
     with _lock:
         name = _file_choices().get(key)
     if name is not None and name in kernels.BY_NAME and kernels.BY_NAME[name].why_not(query) is None:

@@ -347,8 +347,14 @@ class _NativeTier:
                 return n
         return None
 
+    # bfloat16 tensors (bf16 parameters, the bf16 kernel only): the C++ side takes float32 (the
+    # master copy of the arithmetic: its products are bf16 anyway), and what goes back to the
+    # caller is bfloat16 again; the saved gates stay float32.
     @staticmethod
     def forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after: bool, save: bool, isa: str):
+        if x.dtype == torch.bfloat16:
+            out, h_T, saved = _NativeTier.forward(*_as_float(x, h0, w_ih, w_hh, b_ih, b_hh), reset_after, save, isa)
+            return out.to(x.dtype), h_T.to(x.dtype), saved
         key = _NativeTier.key("forward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, save)
         out, h_T, saved = threads.timed(key, lambda n: native.load().forward(
             x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, isa, n))
@@ -357,6 +363,10 @@ class _NativeTier:
     @staticmethod
     def backward(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after: bool,
                  has_b_ih: bool, has_b_hh: bool, need_x: bool, need_h0: bool, isa: str):
+        if x.dtype == torch.bfloat16:
+            grads = _NativeTier.backward(*_as_float(grad_out, grad_hT, x, h0, w_ih, w_hh, out), saved, reset_after,
+                                         has_b_ih, has_b_hh, need_x, need_h0, isa)
+            return tuple(None if g is None else g.to(x.dtype) for g in grads)
         key = _NativeTier.key("backward", isa, tuple(x.shape), h0.shape[1], x.dtype, reset_after, need_x)
         return tuple(threads.timed(key, lambda n: native.load().backward(
             grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved[0], reset_after, has_b_ih, has_b_hh,
@@ -364,7 +374,14 @@ class _NativeTier:
 
     @staticmethod
     def step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after: bool, isa: str):
+        if x.dtype == torch.bfloat16:
+            return native.load().step(*_as_float(x, h, w_ih, w_hh, b_ih, b_hh), reset_after, isa).to(x.dtype)
         return native.load().step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, isa)
+
+
+def _as_float(*tensors):
+    """float32 copies of bfloat16 tensors (None stays None)."""
+    return tuple(None if t is None else t.float() for t in tensors)
 
 
 def _tier(kernel: str):
@@ -389,12 +406,13 @@ def backend() -> str:
 def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
     """The fused kernel for this call: ``backend`` if given ("native" = the best native one,
     "torch" = fused-torch, or a kernel name), else grulab.kernels' choice."""
+    mixed = kernels.bf16_autocast(x.device.type)
     if backend is None:
-        return kernels.select_name("fused", x.device.type, x.dtype, reset_after)
+        return kernels.select_name("fused", x.device.type, x.dtype, reset_after, mixed)
     if backend == "torch":
         return "fused-torch"
     if backend == "native":
-        name, why = kernels.first_native(kernels.Query(x.device.type, x.dtype, reset_after))
+        name, why = kernels.first_native(kernels.Query(x.device.type, x.dtype, reset_after, mixed))
         if name is None:
             raise RuntimeError(f"the native GRU kernels are unavailable here: {why}")
         return name
@@ -402,7 +420,7 @@ def _kernel_for(backend: Optional[str], x: Tensor, reset_after: bool) -> str:
     if k is None or k.impl != "fused":
         raise ValueError(f"unknown GRU backend {backend!r} (use 'native', 'torch' or a "
                          f"fused kernel name: {', '.join(n for n, k in kernels.BY_NAME.items() if k.impl == 'fused')})")
-    why = k.why_not(kernels.Query(x.device.type, x.dtype, reset_after))
+    why = k.why_not(kernels.Query(x.device.type, x.dtype, reset_after, mixed))
     if why is not None:
         raise RuntimeError(f"kernel {backend} cannot run here: {why}")
     return backend
@@ -458,6 +476,22 @@ def _runs(kernel: str, batch: int, inputs: int, hidden: int):
 _TIERS: dict[str, tuple] = {}
 
 
+# Under torch.autocast the backends run with autocast off: the bf16 kernel makes its own bf16
+# products (in C++), and every other kernel computes float32 (the fallback where the CPU has no
+# bf16 units), as it would without autocast (autocast would turn fused-torch's matmuls into
+# bf16 ones beside its float32 state).
+def _no_autocast(impl):
+    def run(*args):
+        if torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return impl(*args)
+        return impl(*args)
+
+    run.__doc__ = impl.__doc__
+    return run
+
+
+@_no_autocast
 def _forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
     """The backend implementation of gru_forward: -> (out, h_T, saved)."""
     tier, extra = _runs(kernel, x.shape[1], x.shape[2], h0.shape[1])
@@ -465,6 +499,7 @@ def _forward_impl(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
     return out, h_T, (list(saved) if save else [])
 
 
+@_no_autocast
 def _backward_impl(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after, has_b_ih,
                    has_b_hh, need_x, need_h0, kernel):
     """The backend implementation of gru_backward: [dx, dh0, dw_ih, dw_hh, db_ih, db_hh], an
@@ -475,6 +510,7 @@ def _backward_impl(grad_out, grad_hT, x, h0, w_ih, w_hh, out, saved, reset_after
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
+@_no_autocast
 def _step_impl(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, kernel):
     tier, extra = _runs(kernel, x.shape[0], x.shape[1], h.shape[1])
     return tier.step(x, h, w_ih, w_hh, b_ih, b_hh, reset_after, *extra)
@@ -497,8 +533,10 @@ def _saved_shapes(kernel: str, T: int, B: int, I: int, H: int, save: bool) -> li
 def _(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, save, kernel):
     T, B, I = x.shape
     H = h0.shape[1]
+    native_tier = _runs(kernel, B, I, H)[0] is _NativeTier  # it saves float32 gates for bfloat16 x
+    dtype = torch.float32 if native_tier and x.dtype == torch.bfloat16 else x.dtype
     return (x.new_empty(T, B, H), x.new_empty(B, H),
-            [x.new_empty(s) for s in _saved_shapes(kernel, T, B, I, H, save)])
+            [x.new_empty(s, dtype=dtype) for s in _saved_shapes(kernel, T, B, I, H, save)])
 
 
 @torch.library.register_fake("grulab::gru_backward")
@@ -658,9 +696,11 @@ def gru_layer(
 
 
 def _call_kind(backend: Optional[str], x: Tensor, reset_after: bool) -> tuple:
-    """The key of the eager lookups: (backend, device, dtype, reset_after), the device left
-    out for the CPU (x.is_cpu is a fifth of the cost of x.device.type)."""
-    return (backend, x.dtype, reset_after) if x.is_cpu else (backend, x.device.type, x.dtype, reset_after)
+    """The key of the eager lookups: (backend, device, dtype, reset_after, bf16 autocast), the
+    device left out for the CPU (x.is_cpu is a fifth of the cost of x.device.type)."""
+    if x.is_cpu:
+        return (backend, x.dtype, reset_after, torch.is_autocast_enabled("cpu") and kernels.bf16_autocast())
+    return (backend, x.device.type, x.dtype, reset_after)
 
 
 _eager_layers: dict[tuple, str] = {}  # (backend, device, dtype, reset_after) -> kernel

@@ -19,6 +19,7 @@ from grulab.lm.model import ModelArgs, ModelConfig
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "constant")
 LOSSES = ("mean", "sum")
+PRECISIONS = ("fp32", "bf16", "auto")
 # Adam's float32 step, lr / (1 - beta1), overflows past ~3e37
 LEARNING_RATE = up_to(POSITIVE, 1e30)
 
@@ -54,6 +55,10 @@ class TrainConfig(ModelArgs):
     loss: str = option("mean", "the loss the gradient is taken of: the mean over the batch's tokens, or their sum, "
                        "as in the d2l MXNet notes (loss.backward() on the per-token losses): a gradient batch size × "
                        "num steps times larger, which --clip and --lr then act on", choices=LOSSES)
+    precision: str = option("fp32", "the training steps' arithmetic: fp32; bf16 (torch.autocast: the GRU's and the "
+                            "output layer's products in bf16, the state, gates and master weights float32; the "
+                            "checkpoint stays float32); auto: bf16 where this CPU has bf16 units (AVX512-BF16, AMX), "
+                            "else fp32. Evaluation runs float32", choices=PRECISIONS, resumable=True)
     # budget: training stops at whichever ends first
     epochs: int = option(0, "passes over the training text (0 = until --max-minutes); with both, whichever "
                          "ends first", rule=COUNT, resumable=True)

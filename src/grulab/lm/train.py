@@ -160,6 +160,7 @@ class Session:
     elapsed: float = 0.0  # the run's clock at the current batch, agreed by all ranks
     meter: Meter = field(default_factory=Meter)  # since the last report
     bar: Any = None  # the progress bar (rich), or a quiet stand-in
+    bf16: bool = False  # the steps run under torch.autocast("cpu", dtype=torch.bfloat16) (--precision)
 
 
 def train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]] = None) -> dict:
@@ -235,7 +236,7 @@ def _train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]], dist
         start_metrics(config, fresh=resumed is None)
         log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None, dist=dist)
     s = Session(config, data, model, net, optimizer, run, per_epoch, dist, on_epoch,
-                started=time.perf_counter() - run.elapsed)
+                started=time.perf_counter() - run.elapsed, bf16=precision(config)[0] == "bf16")
     last, saved = {}, run.elapsed  # saved: on the run's clock (agreed by all ranks), the last checkpoint's time
     with progress_bar(config, per_epoch, dist) as s.bar, StopOnSignal() as interrupt:
         for X, Y in remaining_batches(config, data, run):
@@ -315,17 +316,32 @@ def start_metrics(config: TrainConfig, fresh: bool) -> None:
         (Path(config.out) / METRICS).write_text("")
 
 
+def precision(config: TrainConfig) -> tuple[str, str]:
+    """(the precision the steps run in, "fp32" or "bf16"; why), from --precision and the CPU."""
+    has = kernels.has_bf16_units()
+    if config.precision == "fp32":
+        return "fp32", "--precision fp32"
+    if config.precision == "bf16":
+        return "bf16", "--precision bf16" + ("" if has else "; this CPU has no bf16 units, so the GRU runs "
+                                             "float32 and only the output layer bf16")
+    if has:
+        return "bf16", "--precision auto: this CPU has bf16 units (AVX512-BF16)"
+    return "fp32", "--precision auto: this CPU has no bf16 units"
+
+
 def log_start(config: TrainConfig, data: Dataset, model: LanguageModel, per_epoch: int,
               resumed_at: Optional[int], dist: Dist = Dist()) -> None:
     from grulab.lm.distributed import threads_note
 
     split = f", {dist.world} processes" if dist.world > 1 else ""
+    ran, why = precision(config)
     cleaned = {None: "", "letters": ", letters only as the d2l PyTorch notes",
                "newlines": ", newlines as spaces as the d2l MXNet notes"}[data.rule]
     _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
          f"{config.level} tokens, vocab {len(data.vocab)}{cleaned}), {model.config.describe()}, "
          f"{count_parameters(model):,} parameters, {per_epoch} batches of {config.batch_size}×{config.num_steps} "
-         f"per epoch{split}, {threads_note(config.threads)}" + (f", resumed at epoch {resumed_at}" if resumed_at else ""))
+         f"per epoch{split}, {threads_note(config.threads)}, precision {ran} ({why})"
+         + (f", resumed at epoch {resumed_at}" if resumed_at else ""))
 
 
 def progress_bar(config: TrainConfig, per_epoch: int, dist: Dist = Dist()):
@@ -366,8 +382,9 @@ def train_step(s: Session, X: Tensor, Y: Tensor) -> float:
     state = detach_state(run.carried) if config.sampling == "sequential" else None  # random batches: fresh
     for group in optimizer.param_groups:
         group["lr"] = lr_at(config, budget_progress(config, run, s.per_epoch, s.elapsed))
-    logits, state = s.net(X, state)  # (b, T, V)
-    loss_sum = F.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):  # --precision bf16: mixed precision
+        logits, state = s.net(X, state)  # (b, T, V)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum")  # float32 under autocast
     tokens = config.batch_size * config.num_steps  # in the global batch
     total, = dist.sum(loss_sum.item())
     if not math.isfinite(total):
