@@ -1,0 +1,293 @@
+"""bf16 under torch.autocast("cpu", dtype=torch.bfloat16), and bfloat16 parameters.
+
+The bf16 kernel (native-avx512bf16: vdpbf16ps tiles per step, oneDNN bf16 GEMMs per chunk) is
+held to float64: output and every gradient within 3e-2 of it, relative to the largest entry, at
+the seed and the large shape, both cell forms, 1 and 2 threads. The rest: what runs where (and
+why not), the module's forms (layers, directions, PackedSequence, batch_first, gru_step), NaN and
+Inf as in float32, bfloat16 parameters, autotune, and ``grulab train --precision``.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import grulab
+from grulab import kernels, reference
+from grulab.kernels import autotune, fused
+
+BF16 = "native-avx512bf16"
+HAS = kernels.has_bf16_units()
+needs_bf16 = pytest.mark.skipif(not HAS, reason="this CPU has no bf16 units (AVX512-BF16)")
+TOL = 3e-2  # relative to the largest entry
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def layer_case(T, B, I, H, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = H ** -0.5
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, H, generator=g, dtype=torch.float64) * 0.5
+    w = [(torch.rand(*s, generator=g, dtype=torch.float64) * 2 - 1) * k
+         for s in ((3 * H, I), (3 * H, H), (3 * H,), (3 * H,))]
+    go = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    gh = torch.randn(B, H, generator=g, dtype=torch.float64)
+    return [x, h0, *w], go, gh
+
+
+def grads_of(fn, leaves, go, gh):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out, h_T = fn(*leaves)
+    grads = torch.autograd.grad((out * go.to(out.dtype)).sum() + (h_T * gh.to(h_T.dtype)).sum(), leaves)
+    return [out.detach(), h_T.detach(), *grads]
+
+
+# -- what runs where --------------------------------------------------------------------------
+
+
+def test_registry_says_why():
+    bf16 = kernels.BY_NAME[BF16]
+    plain = bf16.why_not(kernels.Query())
+    assert plain is not None and "autocast" in plain
+    under = bf16.why_not(kernels.Query(autocast=True))
+    if HAS:
+        assert under is None
+        assert kernels.select_name("fused", "cpu", torch.float32, True, True) == BF16
+        assert bf16.why_not(kernels.Query(dtype=torch.bfloat16)) is None
+    else:
+        assert "this CPU has no bf16 units" in under
+        # the float32 kernel runs the autocast call instead
+        assert kernels.select_name("fused", "cpu", torch.float32, True, True) != BF16
+    assert kernels.select_name("fused", "cpu", torch.float32, True, False) != BF16
+    assert "float32 under autocast" in bf16.why_not(kernels.Query(dtype=torch.float64, autocast=True))
+
+
+def test_kernels_command_names_the_bf16_kernel():
+    out = subprocess.run([sys.executable, "-m", "grulab", "kernels"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert BF16 in out.stdout
+    if not HAS:
+        assert "this CPU has no bf16 units" in out.stdout
+
+
+@needs_bf16
+def test_native_plan_says_bf16():
+    from grulab.kernels import native
+
+    p = native.load().plan("avx512bf16", True, 35, 32, 28, 256, True, 2)
+    assert p["forward"]["bf16"] and p["backward"]["bf16"]
+    assert not native.load().plan("avx512", True, 35, 32, 28, 256, True, 2)["forward"]["bf16"]
+
+
+# -- accuracy against float64 -----------------------------------------------------------------
+
+
+@needs_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("shape", [(35, 32, 28, 256), (100, 64, 256, 1024), (7, 9, 5, 34), (6, 5, 3, 100)],
+                         ids=["seed", "large", "odd-I", "partial-panel"])
+def test_within_3e2_of_float64(shape, reset_after, threads):
+    if shape[3] == 1024 and not reset_after:
+        pytest.skip("reset_after=False at H = 1024 runs the float32 loops (weights past L2): no bf16 here")
+    leaves, go, gh = layer_case(*shape)
+    want = grads_of(lambda *a: reference.gru_layer(*a, reset_after), leaves, go, gh)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with autocast():
+            got = grads_of(lambda *a: fused.gru_layer(*a, reset_after, backend=BF16), [t.float() for t in leaves], go, gh)
+    finally:
+        torch.set_num_threads(before)
+    names = ["out", "h_T", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == torch.float32, name
+        assert rel(a, b) < TOL, (name, rel(a, b))
+    # and it ran in bf16 where the native plan says so (reset_after=False below 8 rows: float32)
+    from grulab.kernels import native
+
+    T, B, I, H = shape
+    if native.load().plan("avx512bf16", True, T, B, I, H, reset_after, threads)["forward"]["bf16"]:
+        assert rel(got[0], want[0]) > 1e-5
+    else:
+        assert rel(got[0], want[0]) < 1e-5
+
+
+@needs_bf16
+def test_auto_kernel_under_autocast_is_bf16_and_leaves_float32_alone():
+    x = torch.randn(5, 4, 6)
+    m = grulab.GRU(6, 16, impl="fused")
+    out32, _ = m(x)
+    with autocast():
+        out, h = m(x)
+    assert out.dtype == h.dtype == torch.float32
+    assert 0 < rel(out, out32) < TOL
+    out_again, _ = m(x)  # autocast off again: the float32 kernel, the same bits as before
+    assert torch.equal(out_again, out32)
+
+
+# -- the module's forms -----------------------------------------------------------------------
+
+
+@needs_bf16
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_module_forms_under_autocast(reset_after):
+    torch.manual_seed(0)
+    m = grulab.GRU(12, 48, num_layers=2, bidirectional=True, batch_first=True, impl="fused",
+                   reset_after=reset_after)
+    m64 = grulab.GRU(12, 48, num_layers=2, bidirectional=True, batch_first=True, impl="reference",
+                     reset_after=reset_after, dtype=torch.float64)
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    x = torch.randn(6, 9, 12)
+    h0 = torch.randn(4, 6, 48) * 0.3
+    with autocast():
+        out, h = m(x, h0)
+    want, want_h = m64(x.double(), h0.double())
+    assert out.dtype == torch.float32 and rel(out, want) < TOL and rel(h, want_h) < TOL
+    # PackedSequence: each sequence stops at its length
+    lengths = torch.tensor([9, 7, 7, 4, 2, 1])
+    with autocast():
+        po, ph = m(pack_padded_sequence(x, lengths, batch_first=True))
+    wo, wh = m64(pack_padded_sequence(x.double(), lengths, batch_first=True))
+    assert rel(po.data, wo.data) < TOL and rel(ph, wh) < TOL
+    # gradients of the whole stack
+    with autocast():
+        out, h = m(x, h0)
+    (out.sum() + h.sum()).backward()
+    (want.sum() + want_h.sum()).backward()
+    for (name, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        assert p.grad.dtype == torch.float32 and rel(p.grad, p64.grad) < TOL, name
+
+
+@needs_bf16
+def test_gru_step_and_cell_under_autocast():
+    torch.manual_seed(1)
+    cell = grulab.GRUCell(10, 32, impl="fused")
+    x, h = torch.randn(3, 10), torch.randn(3, 32)
+    want = cell(x, h)
+    with autocast(), torch.no_grad():
+        got = cell(x, h)
+        step = fused.gru_step(x, h, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert got.dtype == step.dtype == torch.float32
+    assert rel(got, want) < TOL and rel(step, want) < TOL
+
+
+# -- NaN and Inf as in float32 ----------------------------------------------------------------
+
+
+@needs_bf16
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["x", "h0", "w_hh"])
+@pytest.mark.parametrize("bf16_params", [False, True])
+def test_nonfinite_propagates_as_in_float32(bad, where, bf16_params):
+    torch.manual_seed(2)
+    T, B, I, H = 6, 8, 5, 32
+    ref = torch.nn.GRU(I, H)
+    m = grulab.GRU(I, H, impl="fused")
+    m.load_state_dict(ref.state_dict())
+    x, h0 = torch.randn(T, B, I), torch.zeros(1, B, H)
+    with torch.no_grad():
+        if where == "x":
+            x[2, 3, 1] = bad
+        elif where == "h0":
+            h0[0, 5, 7] = bad
+        else:
+            ref.weight_hh_l0[40, 3] = bad
+            m.weight_hh_l0[40, 3] = bad
+    want, _ = ref(x, h0)
+    if bf16_params:
+        got, _ = m.bfloat16()(x.bfloat16(), h0.bfloat16())
+    else:
+        with autocast():
+            got, _ = m(x, h0)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+
+
+# -- bfloat16 parameters ----------------------------------------------------------------------
+
+
+@needs_bf16
+def test_bfloat16_parameters():
+    torch.manual_seed(3)
+    m = grulab.GRU(28, 64, impl="fused").bfloat16()
+    tm = torch.nn.GRU(28, 64).bfloat16()
+    tm.load_state_dict(m.state_dict())
+    m64 = torch.nn.GRU(28, 64).double()
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    x = torch.randn(10, 4, 28).bfloat16()
+    out, h = m(x)
+    assert out.dtype == h.dtype == torch.bfloat16
+    want, _ = m64(x.double())
+    assert rel(out, want) < TOL
+    assert rel(tm(x)[0], want) < TOL  # torch's own bf16 GRU as a yardstick of the same error
+    out.float().sum().backward()
+    want.sum().backward()
+    assert m.weight_hh_l0.grad.dtype == torch.bfloat16
+    assert rel(m.weight_hh_l0.grad, m64.weight_hh_l0.grad) < TOL
+
+
+# -- autotune ---------------------------------------------------------------------------------
+
+
+@needs_bf16
+def test_autotune_times_bf16_and_float32(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRULAB_CACHE", str(tmp_path))
+    monkeypatch.delenv("GRULAB_KERNEL", raising=False)
+    monkeypatch.setenv("GRULAB_AUTOTUNE", "1")
+    autotune.forget()
+    m = grulab.GRU(8, 64)
+    x = torch.randn(12, 16, 8)
+    with autocast():
+        m(x)[0].sum().backward()
+    (key, entry), = [(k, e) for k, e in autotune.recorded().items() if "autocast=bf16" in k]
+    assert BF16 in entry["ms"] and any(n.startswith("native-avx512") and n != BF16 for n in entry["ms"])
+    fastest = min(entry["ms"], key=entry["ms"].get)
+    assert entry["kernel"] in (fastest, next(iter(entry["ms"])))  # the fastest, or the static choice by a margin
+    autotune.forget()
+
+
+# -- grulab train --precision -----------------------------------------------------------------
+
+
+def _train(tmp_path, *flags):
+    cmd = [sys.executable, "-m", "grulab", "train", "--corpus", "austen", "--max-tokens", "20000", "--epochs", "1",
+           "--max-minutes", "0", "--batch-size", "8", "--num-steps", "16", "--hidden", "32", "--no-progress",
+           "--out", str(tmp_path / "run"), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "auto"])
+def test_train_precision(tmp_path, precision):
+    proc = _train(tmp_path, "--precision", precision)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    ran = "bf16" if precision == "bf16" or (precision == "auto" and HAS) else "fp32"
+    assert f"precision {ran} (--precision {precision}" in first, first
+    if precision == "auto":
+        assert ("has bf16 units" if HAS else "has no bf16 units") in first
+    from grulab.lm import checkpoint
+
+    ck = checkpoint.load(tmp_path / "run")  # master weights: float32
+    assert {p.dtype for p in ck.model.parameters()} == {torch.float32}
+    assert ck.train["precision"] == precision
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and rows[-1]["val_ppl"] < 80
+
+
+def test_train_precision_refuses_a_bad_value(tmp_path):
+    proc = _train(tmp_path, "--precision", "fp16")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "--precision" in proc.stderr and "fp32" in proc.stderr
