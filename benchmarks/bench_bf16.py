@@ -1,0 +1,156 @@
+"""bf16 under torch.autocast: grulab.GRU against its own float32 and against torch.nn.GRU.
+
+One layer, forward + backward of ``out.sum()`` into every weight, at the seed shape
+(B, T, I, H) = (32, 35, 28, 256) and the large one (64, 100, 256, 1024), all contenders in one
+process, interleaved (round-robin), medians:
+
+* ``grulab fp32``: grulab.GRU(impl="fused") in float32 (its best native float32 kernel);
+* ``grulab bf16 autocast``: the same module called under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+  (the bf16 kernel where the CPU has bf16 units, else the float32 one: the fallback's ratio);
+* ``torch.nn.GRU fp32`` and ``torch.nn.GRU bf16`` (its parameters and input in bfloat16: torch.nn.GRU
+  is not on CPU autocast's list, so its bf16 is bf16 parameters);
+* ``grulab bf16 params``: grulab.GRU with bfloat16 parameters and input.
+
+Efficiency: the layer's FLOPs (18·T·B·H·(I + H) for forward + backward) over the best rate
+torch.mm reaches in bf16 in this process (the bf16 GEMM floor), divided by the measured time.
+
+Usage::
+
+    python benchmarks/bench_bf16.py                   # printed
+    python benchmarks/bench_bf16.py --write-results   # ... and written into benchmarks/results.md
+    python benchmarks/bench_bf16.py --quick           # the seed shape only
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gru import fmt_time, results_flags, results_target, write_section  # noqa: E402
+
+import grulab  # noqa: E402
+from grulab import kernels  # noqa: E402
+
+SEED = (32, 35, 28, 256)  # (B, T, I, H)
+LARGE = (64, 100, 256, 1024)
+
+
+def bf16_gemm_rate(seconds: float = 1.5) -> float:
+    """The best bf16 torch.mm rate (FLOP/s) this process reaches, over a few square sizes."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+        deadline = time.perf_counter() + seconds / 3
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def contenders(shape) -> dict:
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    nn32 = torch.nn.GRU(I, H)
+    ours = grulab.GRU(I, H, impl="fused")
+    ours.load_state_dict(nn32.state_dict())
+    nn16 = torch.nn.GRU(I, H).bfloat16()
+    nn16.load_state_dict(nn32.state_dict())
+    ours16 = grulab.GRU(I, H, impl="fused").bfloat16()
+    ours16.load_state_dict(nn32.state_dict())
+    x = torch.randn(T, B, I)
+    x16 = x.bfloat16()
+
+    def step(module, inp, autocast=False):
+        def call():
+            for p in module.parameters():
+                p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out, _ = module(inp)
+            out.float().sum().backward()
+        return call
+
+    return {"grulab fp32": step(ours, x), "grulab bf16 autocast": step(ours, x, autocast=True),
+            "torch.nn.GRU fp32": step(nn32, x), "torch.nn.GRU bf16": step(nn16, x16),
+            "grulab bf16 params": step(ours16, x16)}
+
+
+def measure(shape, reps: int) -> dict:
+    fns = contenders(shape)
+    for fn in fns.values():  # warm-up: allocation, packing, thread start-up
+        fn()
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def table(rows: list, rate: float) -> str:
+    names = list(rows[0][1])
+    lines = ["| (B, T, I, H) | " + " | ".join(names) + " | bf16 autocast / grulab fp32 | / torch.nn.GRU fp32 | "
+             "/ torch.nn.GRU bf16 | bf16 params / torch.nn.GRU bf16 | efficiency (bf16 autocast) |",
+             "|---|" + "---|" * (len(names) + 5)]
+    for shape, t in rows:
+        B, T, I, H = shape
+        floor = 18 * T * B * H * (I + H) / rate
+        bf = t["grulab bf16 autocast"]
+        lines.append(f"| {shape} | " + " | ".join(fmt_time(t[n]) for n in names)
+                     + f" | {t['grulab fp32'] / bf:.2f}× | {t['torch.nn.GRU fp32'] / bf:.2f}× | "
+                     f"{t['torch.nn.GRU bf16'] / bf:.2f}× | {t['torch.nn.GRU bf16'] / t['grulab bf16 params']:.2f}× | "
+                     f"{floor / bf:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the seed shape only")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per contender (default: 40 seed, 6 large)")
+    results_flags(ap)
+    args = ap.parse_args(argv)
+    target = results_target(args)
+    load_before = os.getloadavg()
+    rate = bf16_gemm_rate()
+    kernel = kernels.select_name("fused", "cpu", torch.float32, True, True)
+    rows = []
+    for shape in [SEED] + ([] if args.quick else [LARGE]):
+        reps = args.reps or (40 if shape == SEED else 6)
+        rows.append((shape, measure(shape, reps)))
+        t = rows[-1][1]
+        print(f"{shape}: " + ", ".join(f"{n} {fmt_time(v)}" for n, v in t.items())
+              + f"; bf16 autocast / grulab fp32 = {t['grulab fp32'] / t['grulab bf16 autocast']:.2f}×", flush=True)
+    load_after = os.getloadavg()
+    env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
+    meta = [
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: "
+        f"`{' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
+        f"- CPU: {kernels.cpu_model()}; bf16 units: {'yes' if kernels.has_bf16_units() else 'no'}; kernel under "
+        f"autocast: {kernel}; {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}",
+        f"- torch {torch.__version__}, threads {torch.get_num_threads()}; "
+        + ", ".join(f"{k}={v}" for k, v in env.items()),
+        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
+        f"- best bf16 torch.mm rate of this process (the floor): {rate / 1e9:.0f} GFLOP/s; fwd+bwd of "
+        "out.sum() into every weight, interleaved medians",
+    ]
+    text = "\n".join(meta) + "\n\n" + table(rows, rate)
+    print("\n" + text)
+    if target is not None:
+        write_section(target, f"## bf16 under autocast: {kernels.cpu_model()}\n\n" + text,
+                      f"bench_bf16 {kernels.cpu_model()}" + (" quick" if args.quick else ""))
+        print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
