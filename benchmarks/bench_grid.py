@@ -6,6 +6,11 @@ H ∈ {64, 256, 1024}), one layer, float32, in one process:
 * ``fwd+bwd``: forward over (T, B, I) and backward of ``out.sum()`` into every weight;
 * ``fwd``: forward under ``torch.no_grad()`` (inference).
 
+Where the CPU has bf16 units (AVX512-BF16, AMX), grulab.GRU is also timed under
+``torch.autocast("cpu", dtype=torch.bfloat16)``, interleaved with the other two: its ratio to
+grulab's float32, the kernel its autotune settled on, and its efficiency against the bf16
+GEMM floor (the same FLOPs over the best bf16 torch.mm rate).
+
 Both contenders are timed interleaved (round-robin), medians. grulab.GRU runs as a user gets it:
 ``impl="auto"``, so its first call of each shape measures its candidates (grulab.kernels.autotune) during
 the warm-up, and the kernel it settled on is shown. Each row also gets its efficiency against the
@@ -77,19 +82,23 @@ def contenders(shape, train: bool):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(T, B, I)
 
-    def run(module):
+    def run(module, bf16=False):
         def call():
             if train:
                 for p in module.parameters():
                     p.grad = None
-                out, _ = module(x)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out, _ = module(x)
                 out.sum().backward()
             else:
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     module(x)
         return call
 
-    return {"torch.nn.GRU": run(ref), "grulab.GRU": run(ours)}, ours, x
+    fns = {"torch.nn.GRU": run(ref), "grulab.GRU": run(ours)}
+    if kernels.has_bf16_units():  # the same module under bf16 autocast (its bf16 kernel, measured by autotune)
+        fns["grulab.GRU bf16"] = run(ours, bf16=True)
+    return fns, ours, x
 
 
 def reps_for(seconds: float) -> int:
@@ -101,6 +110,8 @@ def measure(shape, train: bool, rate: float) -> dict:
     t0 = time.perf_counter()
     fns["grulab.GRU"]()  # the first call measures its candidates (autotune)
     tune_s = time.perf_counter() - t0
+    if "grulab.GRU bf16" in fns:
+        fns["grulab.GRU bf16"]()  # autotune of the autocast signature
     t0 = time.perf_counter()
     fns["torch.nn.GRU"]()
     reps = reps_for(time.perf_counter() - t0)
@@ -109,18 +120,28 @@ def measure(shape, train: bool, rate: float) -> dict:
     flops = (18 if train else 6) * T * B * H * (I + H)
     key = autotune.signature(module, x, None, train)
     kernel = autotune.recorded().get(key, {}).get("kernel", "?") if autotune.enabled() else "static"
-    return {"shape": shape, "work": "fwd+bwd" if train else "fwd", "nn": times["torch.nn.GRU"],
+    return {"shape": shape, "work": "fwd+bwd" if train else "fwd", "nn": times["torch.nn.GRU"], "rate": rate,
             "ours": times["grulab.GRU"], "floor": flops / rate, "kernel": kernel, "reps": reps,
-            "tune_s": tune_s}
+            "tune_s": tune_s, "bf16": times.get("grulab.GRU bf16"),
+            "bf16_kernel": autotune.recorded().get(key + " autocast=bf16", {}).get("kernel", "?")}
 
 
-def grid_table(rows: list[dict]) -> str:
-    lines = ["| workload | (B, T, I, H) | torch.nn.GRU | grulab.GRU | ratio | kernel | GEMM floor | efficiency |",
-             "|---|---|---|---|---|---|---|---|"]
+def grid_table(rows: list[dict], bf16_rate: float = 0.0) -> str:
+    """The grid; where the CPU has bf16 units, grulab.GRU under bf16 autocast too: its time, its ratio to
+    grulab.GRU float32, its kernel (autotune's choice) and its efficiency against the bf16 GEMM floor."""
+    bf = rows and rows[0]["bf16"] is not None
+    extra = " bf16 autocast | ÷ grulab fp32 | bf16 kernel | bf16 efficiency |" if bf else ""
+    lines = ["| workload | (B, T, I, H) | torch.nn.GRU | grulab.GRU | ratio | kernel | GEMM floor | efficiency |" + extra,
+             "|---|---|---|---|---|---|---|---|" + ("---|" * 4 if bf else "")]
     for r in rows:
-        lines.append(f"| {r['work']} | {r['shape']} | {fmt_time(r['nn'])} | {fmt_time(r['ours'])} | "
-                     f"{r['nn'] / r['ours']:.2f}× | {r['kernel']} | {fmt_time(r['floor'])} | "
-                     f"{r['floor'] / r['ours']:.0%} |")
+        line = (f"| {r['work']} | {r['shape']} | {fmt_time(r['nn'])} | {fmt_time(r['ours'])} | "
+                f"{r['nn'] / r['ours']:.2f}× | {r['kernel']} | {fmt_time(r['floor'])} | "
+                f"{r['floor'] / r['ours']:.0%} |")
+        if bf:
+            floor16 = r["floor"] * r["rate"] / bf16_rate
+            line += (f" {fmt_time(r['bf16'])} | {r['ours'] / r['bf16']:.2f}× | {r['bf16_kernel']} | "
+                     f"{floor16 / r['bf16']:.0%} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -200,6 +221,11 @@ def main(argv=None) -> int:
     parts = []
     if args.part in ("all", "grid"):
         rate = sgemm_rate()
+        bf16_rate = 0.0
+        if kernels.has_bf16_units():
+            from bench_bf16 import bf16_gemm_rate
+
+            bf16_rate = bf16_gemm_rate()
         shapes = QUICK if args.quick else list(itertools.product(*GRID.values()))
         rows = []
         for i, shape in enumerate(shapes):
@@ -208,12 +234,16 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"[{i + 1}/{len(shapes)}] {r['work']:7} {shape}: nn {fmt_time(r['nn'])}, ours "
                       f"{fmt_time(r['ours'])} ({r['nn'] / r['ours']:.2f}×, {r['kernel']}, "
-                      f"{r['floor'] / r['ours']:.0%} of floor; autotune {r['tune_s']:.1f} s)", flush=True)
+                      f"{r['floor'] / r['ours']:.0%} of floor; autotune {r['tune_s']:.1f} s)"
+                      + (f"; bf16 autocast {fmt_time(r['bf16'])} ({r['ours'] / r['bf16']:.2f}× fp32, "
+                         f"{r['bf16_kernel']})" if r["bf16"] is not None else ""), flush=True)
         worst = min(rows, key=lambda r: r["nn"] / r["ours"])
         summary = (f"best sgemm rate of this process: {rate / 1e9:.0f} GFLOP/s. Slowest ratio of the grid: "
                    f"{worst['nn'] / worst['ours']:.2f}× ({worst['work']} {worst['shape']}); "
                    f"rows below 0.95×: {sum(r['nn'] / r['ours'] < 0.95 for r in rows)} of {len(rows)}.")
-        parts.append(summary + "\n\n" + grid_table(rows))
+        if bf16_rate:
+            summary += f" Best bf16 torch.mm rate: {bf16_rate / 1e9:.0f} GFLOP/s (the bf16 columns' floor)."
+        parts.append(summary + "\n\n" + grid_table(rows, bf16_rate))
         print(summary)
     if args.part in ("all", "contention"):
         text, _ = contention()

@@ -9,6 +9,9 @@ slow phase of the machine hits everyone alike. Three workloads:
 * ``fwd``      : forward under ``torch.no_grad()`` (inference);
 * ``gen/token``: greedy-generation step, B = 1, one token at a time with the
                  state carried (``nn.GRU`` on a length-1 sequence vs ``gru_step``).
+* ``fwd+bwd, bf16 autocast``: grulab.GRU under ``torch.autocast("cpu", dtype=torch.bfloat16)``,
+                 with grulab float32 and torch.nn.GRU in bf16 parameters (``bench_bf16.py``:
+                 the ratios to each, and the bf16 GEMM floor).
 
 And the first two at the small shape in the other forms the fused kernels keep fast: float64
 (torch.nn.GRU in float64 too) and the notes' ``reset_after=False`` (against torch.nn.GRU's
@@ -160,6 +163,18 @@ def generation(shape, reps: int, tokens: int):
     return {k: v / tokens for k, v in interleaved(contenders, reps).items()}
 
 
+def bf16_row(shape, reps: int) -> dict:
+    """fwd+bwd under torch.autocast("cpu", dtype=torch.bfloat16): grulab.GRU (its bf16 kernel where the
+    CPU has bf16 units), against torch.nn.GRU float32 (the ratio's base), grulab float32, and torch.nn.GRU
+    with bfloat16 parameters (not on autocast's list, so its bf16 is bf16 weights)."""
+    from bench_bf16 import contenders  # imports this module: here, not at the top
+
+    fns = contenders(shape)
+    names = {"torch.nn.GRU fp32": "torch.nn.GRU", "grulab fp32": "fused native", "grulab bf16 autocast":
+             "bf16 autocast", "torch.nn.GRU bf16": "torch.nn.GRU bf16"}
+    return interleaved({new: fns[old] for old, new in names.items()}, reps)
+
+
 def fmt_time(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.1f} µs"
@@ -258,6 +273,8 @@ def main(argv=None) -> int:
             fb, inf = train_and_infer(LARGE, 5, with_reference=False)
             rows += [("fwd+bwd", LARGE, fb), ("fwd (no_grad)", LARGE, inf)]
         rows.append(("gen/token", GEN, generation(GEN, 10 if args.quick else 30, 200)))
+        for shape in [SMALL] + ([] if args.quick else [LARGE]):  # bf16 under autocast (bench_bf16.py has more)
+            rows.append(("fwd+bwd, bf16 autocast", shape, bf16_row(shape, reps_small if shape == SMALL else 5)))
         if not args.quick:  # the other forms: float64, and the notes' reset-before GRU
             for label, dtype, reset_after in (("float64", torch.float64, True),
                                               ("reset_after=False", torch.float32, False)):

@@ -27,7 +27,8 @@ TOL = 3e-2  # relative to the largest entry
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def autocast():
@@ -291,3 +292,62 @@ def test_train_precision_refuses_a_bad_value(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "--precision" in proc.stderr and "fp32" in proc.stderr
+
+
+# -- torch's contract, in bf16: layouts and edges against torch.nn.GRU float32 ---------------
+
+
+@needs_bf16
+@pytest.mark.parametrize("layers,bidir,bias,batch_first", [(1, False, True, False), (2, True, True, True),
+                                                           (1, True, False, False), (3, False, False, True)])
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_equivalent_to_torch_gru_under_autocast(layers, bidir, bias, batch_first, reset_after):
+    torch.manual_seed(4)
+    ref = torch.nn.GRU(10, 40, num_layers=layers, bidirectional=bidir, bias=bias, batch_first=batch_first)
+    m = grulab.GRU(10, 40, num_layers=layers, bidirectional=bidir, bias=bias, batch_first=batch_first,
+                   impl="fused", reset_after=reset_after)
+    m.load_state_dict(ref.state_dict())
+    want_m = ref if reset_after else grulab.GRU(10, 40, num_layers=layers, bidirectional=bidir, bias=bias,
+                                                batch_first=batch_first, impl="fused", reset_after=False)
+    want_m.load_state_dict(ref.state_dict())
+    D = 2 if bidir else 1
+    x = torch.randn(16, 7, 10) if batch_first else torch.randn(7, 16, 10)
+    h0 = torch.randn(layers * D, 16, 40) * 0.3
+    for args in ((x,), (x, h0), (x.transpose(0, 1).contiguous().transpose(0, 1), h0),  # non-contiguous
+                 (x, torch.randn(layers * D, 1, 40).expand(-1, 16, -1))):            # expanded h0
+        with autocast():
+            out, h = m(*args)
+        want, want_h = want_m(*args)  # float32
+        assert out.dtype == torch.float32 and out.shape == want.shape and h.shape == want_h.shape
+        assert rel(out, want) < TOL and rel(h, want_h) < TOL
+
+
+@needs_bf16
+def test_edges_under_autocast():
+    m = grulab.GRU(6, 32, impl="fused")
+    with autocast():
+        out, h = m(torch.randn(5, 6))  # unbatched
+        assert out.shape == (5, 32) and h.shape == (1, 32)
+        out, h = m(torch.randn(4, 0, 6))  # zero batch: torch's empty semantics
+        assert out.shape == (4, 0, 32) and h.shape == (1, 0, 32)
+        with pytest.raises(RuntimeError, match="sequence length"):
+            m(torch.randn(0, 3, 6))
+        with pytest.raises(ValueError, match="dtype"):
+            m(torch.randn(4, 3, 6, dtype=torch.float64))
+
+
+@needs_bf16
+def test_double_backward_under_autocast():
+    """create_graph under autocast takes the differentiable route (the reference's equations, in
+    float32: the backends run with autocast off): second derivatives exist and match float32's."""
+    torch.manual_seed(5)
+    m = grulab.GRU(4, 8, impl="fused")
+    x = torch.randn(3, 2, 4, requires_grad=True)
+
+    def hvp(autocast_on):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_on):
+            out, _ = m(x)
+        g, = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), x)[0]
+
+    assert rel(hvp(True), hvp(False)) < TOL
