@@ -77,9 +77,20 @@ def test_registry_says_why():
 def test_kernels_command_names_the_bf16_kernel():
     out = subprocess.run([sys.executable, "-m", "grulab", "kernels"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert BF16 in out.stdout
-    if not HAS:
-        assert "this CPU has no bf16 units" in out.stdout
+    assert BF16 in out.stdout and "runs under torch.autocast" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "grulab", "kernels", "--autocast-bf16"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if BF16 in l)
+    assert ("-> " + BF16 in line) if HAS else ("this CPU has no bf16 units" in line), line
+
+
+@needs_bf16
+def test_kernels_shape_plan_under_autocast(tmp_path):
+    env = {**__import__("os").environ, "GRULAB_AUTOTUNE": "0"}
+    out = subprocess.run([sys.executable, "-m", "grulab", "kernels", "--shape", "35,32,28,256", "--train",
+                          "--autocast-bf16"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"kernel: {BF16}" in out.stdout and "bf16 products" in out.stdout, out.stdout
 
 
 @needs_bf16

@@ -374,9 +374,9 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         if args.shape is not None:
             T, B, I, H = args.shape
             print(plan.format_plan(plan.plan(T, B, I, H, train=args.train, dtype=dtype,
-                                             reset_after=not args.reset_before)))
+                                             reset_after=not args.reset_before, autocast=args.autocast_bf16)))
         else:
-            print(plan.report(kernels.Query(args.device, dtype, not args.reset_before)))
+            print(plan.report(kernels.Query(args.device, dtype, not args.reset_before, args.autocast_bf16)))
     except RuntimeError as e:  # GRULAB_KERNEL forces a kernel that cannot run this query (kernels._select)
         if f"{kernels.ENV}=" not in str(e):
             raise
@@ -518,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device type (default: cpu)")
     p.add_argument("--reset-before", action=_Switch, default=False, help="ask for the notes' reset-before cell "
                    "(off: PyTorch's reset-after cell)")
+    p.add_argument("--autocast-bf16", action=_Switch, default=False, help="ask about a call under "
+                   "torch.autocast('cpu', dtype=torch.bfloat16): the bf16 kernel, or why it cannot run here")
     p.add_argument("--forget", action=_Switch, default=False, help="delete this machine's measured choices of impl='auto' "
                    "first, so the next call of each shape measures again (e.g. after they were made on a busy machine)")
     p.set_defaults(func=cmd_kernels)

@@ -70,15 +70,19 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def signature(module, input: torch.Tensor, hx: Optional[torch.Tensor], grad: bool) -> str:
-    """The call signature a choice is kept for (input is (T, B, I))."""
+def signature(module, input: torch.Tensor, hx: Optional[torch.Tensor], grad: bool,
+              autocast: Optional[bool] = None) -> str:
+    """The call signature a choice is kept for (input is (T, B, I)); ``autocast``: under bf16 autocast
+    (None: whether this call is, kernels.bf16_autocast)."""
+    if autocast is None:
+        autocast = kernels.bf16_autocast(input.device.type)
     T, B, I = input.shape
     return (f"T={T} B={B} I={I} H={module.hidden_size} layers={module.num_layers} "
             f"dirs={2 if module.bidirectional else 1} bias={module.bias} "
             f"dtype={str(input.dtype).replace('torch.', '')} reset_after={module.reset_after} "
             f"h0={hx is not None} {'fwd+bwd' if grad else 'fwd'} "
             f"dropout={module.dropout > 0 and module.training} threads={torch.get_num_threads()}"
-            + (" autocast=bf16" if kernels.bf16_autocast(input.device.type) else ""))
+            + (" autocast=bf16" if autocast else ""))
 
 
 def candidates(query: kernels.Query) -> list[str]:

@@ -27,17 +27,17 @@ __all__ = ["plan", "format_plan", "report"]
 
 
 def _auto_choice(T: int, B: int, I: int, H: int, dtype: torch.dtype, reset_after: bool,
-                 train: bool) -> tuple[Optional[str], str]:
+                 train: bool, autocast: bool = False) -> tuple[Optional[str], str]:
     """(kernel, why) for impl="auto" on the CPU: the measured choice for a one-layer
     grulab.GRU of this shape, else the static order's (and why)."""
-    static = kernels.select_name("auto", "cpu", dtype, reset_after)
+    static = kernels.select_name("auto", "cpu", dtype, reset_after, autocast)
     if kernels.forced() is not None:
         return static, f"forced by {kernels.ENV}"
     if not autotune.enabled():
         return static, f"measuring is off ({autotune.ENV}=0): the static order decides"
     module = SimpleNamespace(hidden_size=H, num_layers=1, bidirectional=False, bias=True, reset_after=reset_after,
                              dropout=0.0, training=train)
-    key = autotune.signature(module, torch.empty(T, B, I, dtype=dtype, device="meta"), None, train)
+    key = autotune.signature(module, torch.empty(T, B, I, dtype=dtype, device="meta"), None, train, autocast)
     entry = autotune.recorded().get(key)
     if entry is None:
         return static, "not measured yet on this machine (the first call measures); the static order's pick"
@@ -53,20 +53,21 @@ def _governor_threads(isa: str, T: int, B: int, I: int, H: int, dtype, reset_aft
 
 
 def plan(T: int, B: int, I: int, H: int, *, train: bool = False, dtype: torch.dtype = torch.float32,
-         reset_after: bool = True, impl: str = "auto") -> dict:
-    """What a call of a one-layer grulab.GRU on CPU input (T, B, I) with hidden size H runs, and why."""
-    query = kernels.Query("cpu", dtype, reset_after)
+         reset_after: bool = True, impl: str = "auto", autocast: bool = False) -> dict:
+    """What a call of a one-layer grulab.GRU on CPU input (T, B, I) with hidden size H runs, and why;
+    ``autocast``: the call under torch.autocast("cpu", dtype=torch.bfloat16)."""
+    query = kernels.Query("cpu", dtype, reset_after, autocast)
     result: dict = {"shape": {"T": T, "B": B, "I": I, "H": H}, "train": train,
                     "dtype": str(dtype).replace("torch.", ""), "reset_after": reset_after, "impl": impl,
-                    "cpu": kernels.cpu_model()}
+                    "autocast": autocast, "cpu": kernels.cpu_model()}
     # impl="auto" on the CPU measures the first native kernel, fused-torch and torch.nn.GRU's own
     shown = [k for k in kernels.KERNELS if k.impl == "fused" or (impl == "auto" and k.impl == "torch")]
     candidates = [{"kernel": k.name, "runs": k.why_not(query) is None, "why_not": k.why_not(query), "doc": k.doc}
                   for k in shown]
     if impl == "auto":
-        chosen, why = _auto_choice(T, B, I, H, dtype, reset_after, train)
+        chosen, why = _auto_choice(T, B, I, H, dtype, reset_after, train, autocast)
     else:
-        chosen, why = kernels.select_name(impl, "cpu", dtype, reset_after), f"impl={impl!r}"
+        chosen, why = kernels.select_name(impl, "cpu", dtype, reset_after, autocast), f"impl={impl!r}"
     for c in candidates:
         c["chosen"] = c["kernel"] == chosen
     result.update(kernel=chosen, why=why, candidates=candidates)
@@ -77,7 +78,8 @@ def plan(T: int, B: int, I: int, H: int, *, train: bool = False, dtype: torch.dt
         isa = chosen[len("native-"):]
         n, n_why = _governor_threads(isa, T, B, I, H, dtype, reset_after)
         result["native"] = {"isa": isa, "threads_asked": n, "threads_why": n_why,
-                            **native.load().plan(isa, dtype == torch.float32, T, B, I, H, reset_after, n)}
+                            **native.load().plan(isa, dtype in (torch.float32, torch.bfloat16), T, B, I, H,
+                                                 reset_after, n)}
     else:
         result["native"] = None
     return result
@@ -87,7 +89,8 @@ def format_plan(p: dict) -> str:
     """The plan as the lines ``grulab kernels --shape`` prints."""
     s = p["shape"]
     lines = [f"call: grulab.GRU(impl={p['impl']!r}) on (T, B, I) = ({s['T']}, {s['B']}, {s['I']}), H = {s['H']}, "
-             f"{p['dtype']}, reset_after={p['reset_after']}, {'forward + backward' if p['train'] else 'forward'}",
+             f"{p['dtype']}, reset_after={p['reset_after']}, {'forward + backward' if p['train'] else 'forward'}"
+             + (", under torch.autocast('cpu', dtype=torch.bfloat16)" if p.get("autocast") else ""),
              f"CPU: {p['cpu']}", f"kernel: {p['kernel']}  ({p['why']})"]
     for c in p["candidates"]:
         mark = "->" if c["chosen"] else "  "
@@ -96,13 +99,15 @@ def format_plan(p: dict) -> str:
     if n:
         f, b = n["forward"], n["backward"]
         lines.append(f"native loops ({n['isa'].upper()}), asked for {n['threads_asked']} thread(s): {n['threads_why']}")
-        lines.append(f"  forward:  {'packed weights, split by ' + f['split'] if f['packed'] else 'a GEMM per step'}, "
-                     f"{f['threads']} thread(s)")
+        bf16 = " (bf16 products, float32 sums)" if f.get("bf16") else ""
+        lines.append(f"  forward:  {'packed weights, split by ' + f['split'] if f['packed'] else 'a GEMM per step'}"
+                     f"{bf16}, {f['threads']} thread(s)")
         if p["train"]:
             lines.append(f"  backward: {'packed W_hh' if b['packed'] else 'a GEMM per step'}, split by {b['split']}, "
                          f"{b['threads']} thread(s), chunks of {b['chunk_steps']} steps, "
-                         f"dX by {'our tile' if b['dx_tile'] else 'MKL'}, dW_ih by {'our narrow tile' if b['dw_ih_narrow_tile'] else 'MKL'}, "
-                         f"bias sums {'by row blocks' if b['bias_sums_by_row_blocks'] else 'over whole steps'}")
+                         + ("bf16 per-step products, dX and weight GEMMs in bf16 (oneDNN), " if b.get("bf16") else
+                            f"dX by {'our tile' if b['dx_tile'] else 'MKL'}, dW_ih by {'our narrow tile' if b['dw_ih_narrow_tile'] else 'MKL'}, ")
+                         + f"bias sums {'by row blocks' if b['bias_sums_by_row_blocks'] else 'over whole steps'}")
         l2 = n["l2_bytes"]
         lines.append(f"  L2 per core: {l2 // 1024 if l2 else '?'} KiB; the weights (3H(H+I) floats) "
                      f"{'fit' if n['weights_fit_l2'] else 'do not fit'}; a register tile holds {n['register_rows']} rows")
