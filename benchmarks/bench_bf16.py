@@ -9,7 +9,9 @@ process, interleaved (round-robin), medians:
   (the bf16 kernel where the CPU has bf16 units, else the float32 one: the fallback's ratio);
 * ``torch.nn.GRU fp32`` and ``torch.nn.GRU bf16`` (its parameters and input in bfloat16: torch.nn.GRU
   is not on CPU autocast's list, so its bf16 is bf16 parameters);
-* ``grulab bf16 params``: grulab.GRU with bfloat16 parameters and input.
+* ``grulab bf16 params``: grulab.GRU with bfloat16 parameters and input;
+* ``fp32 kernel under autocast``: the module's float32 kernel forced under autocast, which is what
+  a CPU without bf16 units runs (its ratio to ``grulab fp32`` is the fallback's cost).
 
 Efficiency: the layer's FLOPs (18·T·B·H·(I + H) for forward + backward) over the best rate
 torch.mm reaches in bf16 in this process (the bf16 GEMM floor), divided by the measured time.
@@ -78,7 +80,17 @@ def contenders(shape) -> dict:
             out.float().sum().backward()
         return call
 
+    float32 = kernels.first_native(kernels.Query())[0] or "fused-torch"
+
+    def fallback():  # the float32 kernel under autocast: what a CPU without bf16 units runs
+        for p in ours.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = ours._run(x, None, float32)
+        out.sum().backward()
+
     return {"grulab fp32": step(ours, x), "grulab bf16 autocast": step(ours, x, autocast=True),
+            "fp32 kernel under autocast": fallback,
             "torch.nn.GRU fp32": step(nn32, x), "torch.nn.GRU bf16": step(nn16, x16),
             "grulab bf16 params": step(ours16, x16)}
 
@@ -100,8 +112,9 @@ def measure(shape, reps: int) -> dict:
 def table(rows: list, rate: float) -> str:
     names = list(rows[0][1])
     lines = ["| (B, T, I, H) | " + " | ".join(names) + " | bf16 autocast / grulab fp32 | / torch.nn.GRU fp32 | "
-             "/ torch.nn.GRU bf16 | bf16 params / torch.nn.GRU bf16 | efficiency (bf16 autocast) |",
-             "|---|" + "---|" * (len(names) + 5)]
+             "/ torch.nn.GRU bf16 | bf16 params / torch.nn.GRU bf16 | efficiency (bf16 autocast) | "
+             "fallback / grulab fp32 |",
+             "|---|" + "---|" * (len(names) + 6)]
     for shape, t in rows:
         B, T, I, H = shape
         floor = 18 * T * B * H * (I + H) / rate
@@ -109,7 +122,7 @@ def table(rows: list, rate: float) -> str:
         lines.append(f"| {shape} | " + " | ".join(fmt_time(t[n]) for n in names)
                      + f" | {t['grulab fp32'] / bf:.2f}× | {t['torch.nn.GRU fp32'] / bf:.2f}× | "
                      f"{t['torch.nn.GRU bf16'] / bf:.2f}× | {t['torch.nn.GRU bf16'] / t['grulab bf16 params']:.2f}× | "
-                     f"{floor / bf:.0%} |")
+                     f"{floor / bf:.0%} | {t['grulab fp32'] / t['fp32 kernel under autocast']:.2f}× |")
     return "\n".join(lines)
 
 

@@ -137,6 +137,30 @@ def test_within_3e2_of_float64(shape, reset_after, threads):
 
 
 @needs_bf16
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_same_bits_on_1_and_2_threads(reset_after):
+    """The governor may run a shape on 1 thread or 2: the bf16 kernel's results do not depend on it."""
+    from grulab.kernels import native
+
+    m = native.load()
+    leaves, go, _ = layer_case(35, 32, 28, 256, seed=7)
+    x, h0, w_ih, w_hh, b_ih, b_hh = (t.float() for t in leaves)
+    got = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, _, saved = m.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, "avx512bf16", n)
+            grads = m.backward(go.float(), None, x, h0, w_ih, w_hh, out, saved, reset_after, True, True, True, True,
+                               "avx512bf16", n, 0)
+            got.append([out, *grads])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
+@needs_bf16
 def test_auto_kernel_under_autocast_is_bf16_and_leaves_float32_alone():
     x = torch.randn(5, 4, 6)
     m = grulab.GRU(6, 16, impl="fused")

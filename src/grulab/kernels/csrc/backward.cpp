@@ -52,6 +52,17 @@ static void hidden_weight_grad(const Tensor& dA, const Tensor& p0, const Tensor&
   }
 }
 
+// OpenMP's thread count for the calling thread (its nthreads ICV) while one lives: `threads` if > 0.
+struct OmpThreads {
+  int previous;
+  explicit OmpThreads(int64_t threads) : previous(omp_get_max_threads()) {
+    if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
+  }
+  ~OmpThreads() { omp_set_num_threads(previous); }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+};
+
 // A chunk's share of the weight gradients and dX in bf16 (BackwardPlan::bf16): each product one
 // bf16 GEMM of torch's (oneDNN: float32 sums inside, AMX where the CPU has it, AVX512-BF16
 // else), its result rounded once to bf16 and added to the float32 gradient (beta 0: set).
@@ -218,6 +229,9 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
     };
     const Tensor x_c = x.narrow(0, t0, n).reshape({n * B, I});  // (n*B, I)
     if (plan.bf16) {
+      // torch's bf16 matmuls (oneDNN) and conversions take their thread count from OpenMP's
+      // setting for this thread: the governor's count while they run (MKL's BlasThreads has no say)
+      const OmpThreads omp_threads(threads);
       chunk_grads_bf16(dgb.narrow(0, 0, n).view({n * B, gsb}), x_c, w_ihc, hprev, out.narrow(0, t0, n - 1),
                        saved.narrow(0, t0, n), reset_after, need_x ? dx.narrow(0, t0, n).view({n * B, I}) : Tensor(),
                        dw_ih, dw_hh, beta, w_ihb);
