@@ -126,12 +126,16 @@ def table(rows: list, rate: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the seed shape only")
     ap.add_argument("--reps", type=int, default=0, help="repetitions per contender (default: 40 seed, 6 large)")
     results_flags(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     target = results_target(args)
     load_before = os.getloadavg()
     rate = bf16_gemm_rate()

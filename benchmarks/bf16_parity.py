@@ -24,9 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_gru import results_flags, results_target, write_section
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gru import results_flags, results_target, write_section  # noqa: E402
 
-from grulab import kernels
+from grulab import kernels  # noqa: E402
 
 
 def run(precision: str, epochs: int, out: Path, extra: list[str]) -> dict:
@@ -44,11 +45,16 @@ def run(precision: str, epochs: int, out: Path, extra: list[str]) -> dict:
             "seconds": seconds, "tokens": rows[-1]["tokens"], "first_line": first}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="other flags go to both grulab train runs")
     ap.add_argument("--epochs", type=int, default=8, help="epochs of each run (default 8: ~3 min in float32)")
     results_flags(ap)
-    args, extra = ap.parse_known_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args, extra = parser().parse_known_args(argv)
     target = results_target(args)
     if not kernels.has_bf16_units():
         print("note: this CPU has no bf16 units; --precision bf16 runs the GRU in float32 here")

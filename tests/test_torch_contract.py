@@ -588,6 +588,7 @@ def test_device_ctx_init(kernel):
 def test_to(kernel, swap, set_grad):
     """TestModule.test_to: .to(float64) keeps Parameters (and their grads, converted), with and without
     swap_module_params_on_conversion; the converted module computes as its yardstick."""
+    need(kernel, torch.float64)  # the converted module runs float64
     before = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(swap)
     try:
@@ -612,6 +613,7 @@ def test_to(kernel, swap, set_grad):
 def test_to_empty(kernel):
     """TestModule.test_to_empty: a meta-device module materialised with to_empty(device='cpu') has CPU
     Parameters and, re-initialised, computes as its yardstick."""
+    need(kernel)
     for s in gru_samples(torch.float32)[:4] + cell_samples(torch.float32):
         make = make_gru if "num_layers" in s.ctor else make_cell
         with torch.device("meta"):

@@ -323,7 +323,7 @@ def _writers() -> list[str]:
 
 
 def test_the_benchmarks_that_write_results_md_are_all_checked():
-    assert _writers() == ["bench_export", "bench_grid", "bench_gru", "bench_mingru"]
+    assert _writers() == ["bench_bf16", "bench_export", "bench_grid", "bench_gru", "bench_mingru", "bf16_parity"]
 
 
 @pytest.mark.parametrize("name", _writers())
@@ -348,6 +348,7 @@ def test_bench_gru_quick_prints_and_writes_nothing(monkeypatch, capsys):
     times = {"torch.nn.GRU": 1e-3, "grulab fused": 5e-4, "reference": 2e-3}
     monkeypatch.setattr(gru, "train_and_infer", lambda *a, **k: (dict(times), dict(times)))
     monkeypatch.setattr(gru, "generation", lambda *a, **k: dict(times))
+    monkeypatch.setattr(gru, "bf16_row", lambda *a, **k: dict(times))
     written = []
     monkeypatch.setattr(gru, "write_section", lambda *a: written.append(a))
     assert gru.main(["--quick"]) == 0
