@@ -59,6 +59,20 @@ inline bool rows_reset_before(const IsaOps& ops, int64_t B, int64_t weight_float
   return ops.packed && B >= kMinRowsResetBefore && fits_l2(weight_floats);
 }
 
+// The bf16 table runs reset_after=False split by rows from kMinRowsResetBefore rows whether or not
+// the weights fit in L2 (H even, as for every bf16 plan): each thread then streams the bf16 weights
+// (half of float32's bytes) from L3 every step, and still beat the float32 time loop that runs there
+// otherwise (measured at (64, 100, 256, 1024) on AMD EPYC Zen 4: see benchmarks/results.md).
+inline bool bf16_rows_reset_before(const IsaOps& ops, bool is_float, int64_t B, int64_t H) {
+  return ops.bf16 && ops.packed && is_float && B >= kMinRowsResetBefore && H % 2 == 0;
+}
+
+// The same for reset_after=True: the bf16 table splits the rows wherever every thread gets a full
+// register tile of rows, whether or not the weights fit in L2 (split_rows' rule for float32).
+inline bool bf16_split_rows(const IsaOps& ops, bool is_float, int64_t B, int64_t H, int nt) {
+  return ops.bf16 && ops.packed && is_float && nt > 1 && ops.rows > 0 && B >= nt * ops.rows && H % 2 == 0;
+}
+
 // Whether the packed time loops split the batch rows among the threads instead
 // of the hidden units. Batch rows are independent, so a thread that owns rows
 // runs all T steps without a barrier and reads only the h_{t-1} it wrote itself;
@@ -83,8 +97,8 @@ inline ForwardPlan forward_plan(const IsaOps& ops, bool is_float, int64_t B, int
                                 bool reset_after, int64_t threads) {
   ForwardPlan p;
   p.threads = loop_threads(B, H, threads);
-  p.by_rows = reset_after ? split_rows(ops, B, 3 * H * (H + I), p.threads)
-                          : rows_reset_before(ops, B, 3 * H * (H + I));
+  p.by_rows = reset_after ? split_rows(ops, B, 3 * H * (H + I), p.threads) || bf16_split_rows(ops, is_float, B, H, p.threads)
+                          : rows_reset_before(ops, B, 3 * H * (H + I)) || bf16_rows_reset_before(ops, is_float, B, H);
   p.packed = ops.packed && is_float && B > 1 && (reset_after || p.by_rows);
   p.bf16 = ops.bf16 && p.packed && H % 2 == 0;
   return p;
@@ -112,13 +126,18 @@ inline BackwardPlan backward_plan(const IsaOps& ops, bool is_float, int64_t Tn, 
   p.threads = loop_threads(B, H, threads);
   // The packed path (float32) packs all columns of W_hh into panels of ops.cols units. The
   // notes' reset_after=False takes it split by rows only, as the forward does.
-  const bool rows_rb = !reset_after && is_float && rows_reset_before(ops, B, 3 * H * H);
+  const bool rows_rb = !reset_after && is_float &&
+                       (rows_reset_before(ops, B, 3 * H * H) || bf16_rows_reset_before(ops, is_float, B, H));
   p.packed = is_float && ops.packed && (reset_after || rows_rb);
-  p.by_rows = reset_after ? p.packed && split_rows(ops, B, 3 * H * H, p.threads) : rows_rb;
+  p.by_rows = reset_after ? p.packed && (split_rows(ops, B, 3 * H * H, p.threads) ||
+                                         bf16_split_rows(ops, is_float, B, H, p.threads))
+                          : rows_rb;
   // Where the loop may split the rows at some thread count (the governor picks 1 or 2), each
   // step's bias sums go by blocks of kRowBlock rows, added up in a fixed order (loops.inc), so
   // that they are the same bits whichever split and count run; elsewhere over whole steps.
-  p.blocked_bias = has_bias && (reset_after ? p.packed && split_rows(ops, B, 3 * H * H, 2) : rows_rb);
+  p.blocked_bias = has_bias && (reset_after ? p.packed && (split_rows(ops, B, 3 * H * H, 2) ||
+                                                           bf16_split_rows(ops, is_float, B, H, 2))
+                                            : rows_rb);
   p.chunk = chunk > 0 ? std::min(chunk, Tn) : chunk_steps(Tn, B, H, is_float ? 4 : 8);
   // dX with the packed tile where there is one: with I as small as 28, MKL ran this
   // (T*B, I) = (T*B, 3H) @ (3H, I) GEMM at under half of the machine's rate.
