@@ -76,6 +76,13 @@ Two tiers implement this, with the same autograd wrapper:
   are independent, so each thread runs its rows through all T steps with no
   barrier at all (``split_rows`` in ``csrc/native.h``).
 
+Mixed precision. Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` grulab.kernels picks the
+native tier's bf16 table (``native-avx512bf16``, where the CPU has AVX512-BF16): the same loops,
+but the per-step products take bf16 operands with float32 sums (``csrc/loops_bf16.inc``), and
+dW_hh, dW_ih and dX are bf16 GEMMs per chunk; h, the gates, what is saved and what is returned
+stay float32. Every other kernel runs an autocast call in float32 (the backends below run with
+autocast off). bfloat16 parameters run the bf16 table on float32 copies (_NativeTier).
+
 Both tiers run behind one torch operator (``torch.ops.grulab.gru_forward``,
 ``gru_backward``, ``gru_step``) with fake implementations and one autograd
 formula (``_Layer``), so ``torch.compile(fullgraph=True)`` and ``torch.export``
