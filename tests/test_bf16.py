@@ -384,3 +384,36 @@ def test_double_backward_under_autocast():
         return torch.autograd.grad(g.sum(), x)[0]
 
     assert rel(hvp(True), hvp(False)) < TOL
+
+
+@needs_bf16
+def test_compile_under_autocast_runs_the_bf16_kernel():
+    """torch.compile(fullgraph=True) under autocast: one operator node, the bf16 kernel (the same bits as
+    eager under autocast, not float32's), and gradients through it."""
+    torch.manual_seed(6)
+    m = grulab.GRU(8, 32, impl="fused")
+    x = torch.randn(5, 4, 8)
+    compiled = torch.compile(m, fullgraph=True)
+    with autocast():
+        got, h = compiled(x)
+        eager, eager_h = m(x)
+    assert torch.equal(got, eager) and torch.equal(h, eager_h)
+    assert not torch.equal(got, m(x)[0])  # float32 gives other bits
+    got.sum().backward()
+    assert m.weight_hh_l0.grad is not None and torch.isfinite(m.weight_hh_l0.grad).all()
+
+
+@needs_bf16
+def test_forced_bf16_kernel_under_autocast(monkeypatch):
+    monkeypatch.setenv("GRULAB_KERNEL", BF16)
+    fused.forget_choices()
+    try:
+        m = grulab.GRU(6, 16, impl="fused")
+        with autocast():
+            out, _ = m(torch.randn(4, 3, 6))
+        assert out.dtype == torch.float32
+        with pytest.raises(RuntimeError, match="GRULAB_KERNEL=native-avx512bf16 cannot run here: runs under"):
+            m(torch.randn(4, 3, 6))  # float32 without autocast: the forced kernel says why not
+    finally:
+        monkeypatch.delenv("GRULAB_KERNEL")
+        fused.forget_choices()
