@@ -112,7 +112,12 @@ def test_native_plan_says_bf16():
                          ids=["seed", "large", "odd-I", "partial-panel"])
 def test_within_3e2_of_float64(shape, reset_after, threads):
     leaves, go, gh = layer_case(*shape)
-    want = grads_of(lambda *a: reference.gru_layer(*a, reset_after), leaves, go, gh)
+    # float64 yardstick: the reference's equations; at the large shape the native float64 loops (tested
+    # against them in test_fused), whose memory stays small (autograd's graph of the reference is ~1 GB there)
+    large = shape[3] >= 1024
+    float64 = (lambda *a: fused.gru_layer(*a, reset_after, backend="native")) if large else \
+        (lambda *a: reference.gru_layer(*a, reset_after))
+    want = grads_of(float64, leaves, go, gh)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
