@@ -28,34 +28,19 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gru import fmt_time, results_flags, results_target, write_section  # noqa: E402
+from bench_gru import fmt_time, gemm_rate, interleaved, results_flags, results_target, write_section  # noqa: E402
 
 import grulab  # noqa: E402
 from grulab import kernels  # noqa: E402
 
 SEED = (32, 35, 28, 256)  # (B, T, I, H)
 LARGE = (64, 100, 256, 1024)
-
-
-def bf16_gemm_rate(seconds: float = 1.5) -> float:
-    """The best bf16 torch.mm rate (FLOP/s) this process reaches, over a few square sizes."""
-    best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
-        deadline = time.perf_counter() + seconds / 3
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
 
 
 def contenders(shape) -> dict:
@@ -95,20 +80,6 @@ def contenders(shape) -> dict:
             "grulab bf16 params": step(ours16, x16)}
 
 
-def measure(shape, reps: int) -> dict:
-    fns = contenders(shape)
-    for fn in fns.values():  # warm-up: allocation, packing, thread start-up
-        fn()
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def table(rows: list, rate: float) -> str:
     names = list(rows[0][1])
     lines = ["| (B, T, I, H) | " + " | ".join(names) + " | bf16 autocast / grulab fp32 | / torch.nn.GRU fp32 | "
@@ -138,12 +109,12 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     target = results_target(args)
     load_before = os.getloadavg()
-    rate = bf16_gemm_rate()
+    rate = gemm_rate(torch.bfloat16, seconds=1.5)
     kernel = kernels.select_name("fused", "cpu", torch.float32, True, True)
     rows = []
     for shape in [SEED] + ([] if args.quick else [LARGE]):
         reps = args.reps or (40 if shape == SEED else 6)
-        rows.append((shape, measure(shape, reps)))
+        rows.append((shape, interleaved(contenders(shape), reps)))  # 2 warm-up rounds, then medians
         t = rows[-1][1]
         print(f"{shape}: " + ", ".join(f"{n} {fmt_time(v)}" for n, v in t.items())
               + f"; bf16 autocast / grulab fp32 = {t['grulab fp32'] / t['grulab bf16 autocast']:.2f}×", flush=True)

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gru import fmt_time, interleaved, results_flags, results_target, write_section  # noqa: E402
+from bench_gru import fmt_time, gemm_rate, interleaved, results_flags, results_target, write_section  # noqa: E402
 
 import grulab  # noqa: E402
 from grulab.kernels import autotune, threads
@@ -59,19 +59,6 @@ from grulab import kernels  # noqa: E402
 GRID = dict(B=(1, 8, 32, 128), T=(35, 200), I=(28, 256), H=(64, 256, 1024))
 QUICK = [(32, 35, 28, 256), (64, 100, 256, 1024), (1, 200, 28, 1024), (128, 35, 256, 64)]
 SEED = (32, 35, 28, 256)
-
-
-def sgemm_rate(seconds: float = 2.0) -> float:
-    """The best sgemm rate (FLOP/s) this process reaches, over a few square sizes."""
-    best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        deadline = time.perf_counter() + seconds / 3
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
 
 
 def contenders(shape, train: bool):
@@ -220,12 +207,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     parts = []
     if args.part in ("all", "grid"):
-        rate = sgemm_rate()
-        bf16_rate = 0.0
-        if kernels.has_bf16_units():
-            from bench_bf16 import bf16_gemm_rate
-
-            bf16_rate = bf16_gemm_rate()
+        rate = gemm_rate(torch.float32)
+        bf16_rate = gemm_rate(torch.bfloat16) if kernels.has_bf16_units() else 0.0
         shapes = QUICK if args.quick else list(itertools.product(*GRID.values()))
         rows = []
         for i, shape in enumerate(shapes):

@@ -69,6 +69,20 @@ def interleaved(contenders: dict[str, Callable[[], None]], reps: int, warmup: in
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def gemm_rate(dtype: torch.dtype = torch.float32, seconds: float = 2.0) -> float:
+    """The best torch.mm rate (FLOP/s) this process reaches in ``dtype``, over a few square sizes: the
+    GEMM floor of bench_grid (float32) and bench_bf16 (bf16)."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        deadline = time.perf_counter() + seconds / 3
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 def gru_weights(gru: torch.nn.GRU):
     return gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0
 

@@ -76,37 +76,38 @@ class Kernel:
     why_not: Callable[[Query], Optional[str]]  # None if it can run the query, else the reason
 
 
-def _native(isa: str) -> Callable[[Query], Optional[str]]:
+def _float_dtypes(q: Query) -> Optional[str]:
+    if q.dtype not in _FLOAT_NATIVE:
+        return f"float32 and float64 only (got {str(q.dtype).replace('torch.', '')})"
+    return None
+
+
+def _bf16_dtypes(q: Query) -> Optional[str]:
+    if q.dtype == torch.float32 and not q.autocast:
+        return "runs under torch.autocast('cpu', dtype=torch.bfloat16) or on bfloat16 parameters"
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        return f"float32 under autocast and bfloat16 only (got {str(q.dtype).replace('torch.', '')})"
+    return None
+
+
+def _native(isa: str, dtypes: Callable[[Query], Optional[str]] = _float_dtypes,
+            lacks: Optional[str] = None) -> Callable[[Query], Optional[str]]:
+    """why_not of the native table ``isa``: ``dtypes`` says which calls it takes, ``lacks`` what a CPU
+    without ``isa`` is told (default: "this CPU lacks ISA")."""
     def why_not(q: Query) -> Optional[str]:  # every reason, not just the first
         reasons = []
         if q.device != "cpu":
             reasons.append(f"CPU tensors only (got {q.device})")
-        if q.dtype not in _FLOAT_NATIVE:
-            reasons.append(f"float32 and float64 only (got {str(q.dtype).replace('torch.', '')})")
+        if (dtype_reason := dtypes(q)) is not None:
+            reasons.append(dtype_reason)
         mod = native.load()
         if mod is None:
             reasons.append(f"native extension unavailable ({native.error()})")
         elif not mod.cpu_supports(isa):
-            reasons.append(f"this CPU lacks {isa.upper()}")
+            reasons.append(lacks or f"this CPU lacks {isa.upper()}")
         return "; ".join(reasons) or None
 
     return why_not
-
-
-def _native_bf16(q: Query) -> Optional[str]:
-    reasons = []
-    if q.device != "cpu":
-        reasons.append(f"CPU tensors only (got {q.device})")
-    if q.dtype == torch.float32 and not q.autocast:
-        reasons.append("runs under torch.autocast('cpu', dtype=torch.bfloat16) or on bfloat16 parameters")
-    elif q.dtype not in (torch.float32, torch.bfloat16):
-        reasons.append(f"float32 under autocast and bfloat16 only (got {str(q.dtype).replace('torch.', '')})")
-    mod = native.load()
-    if mod is None:
-        reasons.append(f"native extension unavailable ({native.error()})")
-    elif not mod.cpu_supports("avx512bf16"):
-        reasons.append("this CPU has no bf16 units (AVX512-BF16)")
-    return "; ".join(reasons) or None
 
 
 def has_bf16_units() -> bool:
@@ -125,7 +126,7 @@ def _torch(q: Query) -> Optional[str]:
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("native-avx512bf16", "fused", "AVX-512 loops with bf16 products (vdpbf16ps), float32 state",
-           _native_bf16),
+           _native("avx512bf16", _bf16_dtypes, "this CPU has no bf16 units (AVX512-BF16)")),
     Kernel("native-avx512", "fused", "C++ loops compiled for AVX-512", _native("avx512")),
     Kernel("native-avx2", "fused", "C++ loops for AVX2+FMA, packed micro-kernels", _native("avx2")),
     Kernel("native-generic", "fused", "C++ loops for any x86-64 CPU", _native("generic")),

@@ -106,7 +106,7 @@ def choose(module, input: torch.Tensor, hx: Optional[torch.Tensor],
     if kernels.forced() is not None or not enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return kernels.select_name("auto", input.device.type, input.dtype, module.reset_after, mixed)
     grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in module.parameters()))
-    key = signature(module, input, hx, grad)
+    key = signature(module, input, hx, grad, mixed)
     name = _choices.get(key)
     if name is not None:
         return name

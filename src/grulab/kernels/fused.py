@@ -706,12 +706,12 @@ def _call_kind(backend: Optional[str], x: Tensor, reset_after: bool) -> tuple:
     """The key of the eager lookups: (backend, device, dtype, reset_after, bf16 autocast), the
     device left out for the CPU (x.is_cpu is a fifth of the cost of x.device.type)."""
     if x.is_cpu:
-        return (backend, x.dtype, reset_after, torch.is_autocast_enabled("cpu") and kernels.bf16_autocast())
+        return (backend, x.dtype, reset_after, kernels.bf16_autocast())
     return (backend, x.device.type, x.dtype, reset_after)
 
 
-_eager_layers: dict[tuple, str] = {}  # (backend, device, dtype, reset_after) -> kernel
-_eager_steps: dict[tuple, str] = {}  # (backend, device, dtype, reset_after) -> kernel
+_eager_layers: dict[tuple, str] = {}  # _call_kind -> kernel
+_eager_steps: dict[tuple, str] = {}  # _call_kind -> kernel
 
 
 def forget_choices() -> None:
