@@ -31,6 +31,12 @@ reset_after=True is compared with torch.nn.GRU / GRUCell, reset_after=False
 with grulab's reference implementation, both in float64 with the same weights.
 A kernel this CPU cannot run is skipped with its reason.
 
+The bf16 kernel (bf16 products with float32 sums, ``Kernel.bf16``) runs every test under
+``torch.autocast("cpu", dtype=torch.bfloat16)``: its float32 results are held to 3e-2 of the
+float64 yardstick, relative to the largest entry (``tol``), while the yardsticks, torch's
+errors included, compute outside autocast (``plain``). Its float64 cases (gradcheck,
+gradgradcheck, the float64 yardstick comparisons) skip: autocast leaves float64 alone.
+
 Zero-size cases (B = 0, hidden or input size 0) each run in a process of their
 own (a fork of a clean server process, see ``isolated``), so a kernel that dies
 on them (SIGFPE) fails its tests instead of ending pytest.
@@ -53,8 +59,9 @@ Left out, and why:
   torch.nn.utils.rnn, not the GRU; GRUs on packed input are tested here).
 * Not a torch contract: vmap over GRU's forward (torch.nn.GRU has no batching
   rule for aten::gru.input; GRUCell's forward is vmapped here, as torch does),
-  forward-mode AD (not in torch's GRU tests), half / bfloat16 (torch's CPU GRU
-  tests run float32 and float64), GRUCell's bias type (torch does not check it).
+  forward-mode AD (not in torch's GRU tests), half and bfloat16 inputs (torch's CPU GRU
+  tests run float32 and float64; bfloat16 parameters are tested in test_bf16.py), GRUCell's
+  bias type (torch does not check it).
 """
 from __future__ import annotations
 
@@ -90,6 +97,7 @@ FUSED = [k.name for k in kernels.KERNELS if k.impl == "fused"]
 ENV = getattr(kernels, "ENV", "GRULAB_KERNEL")
 FORMS = [True, False]  # reset_after
 DTYPES = [torch.float32, torch.float64]
+AUTOCAST = {k.name for k in kernels.KERNELS if k.bf16}  # run under torch.autocast("cpu", torch.bfloat16)
 
 
 def impl_of(target: str) -> str:
@@ -112,7 +120,8 @@ def use_target(target: str):
         os.environ.pop(ENV, None)
     _clear_kernel_caches()
     try:
-        yield target
+        with torch.autocast("cpu", dtype=torch.bfloat16) if target in AUTOCAST else contextlib.nullcontext():
+            yield target
     finally:
         if before is None:
             os.environ.pop(ENV, None)
@@ -124,7 +133,7 @@ def use_target(target: str):
 def why_not(target: str, dtype: torch.dtype = torch.float32, reset_after: bool = True) -> Optional[str]:
     if target == "auto":
         return None
-    return kernels.BY_NAME[target].why_not(kernels.Query("cpu", dtype, reset_after))
+    return kernels.BY_NAME[target].why_not(kernels.Query("cpu", dtype, reset_after, target in AUTOCAST))
 
 
 def need(target: str, dtype: torch.dtype = torch.float32, reset_after: bool = True) -> None:
@@ -184,7 +193,17 @@ def twin(m: nn.Module, dtype: torch.dtype = torch.float64, prepare: Optional[Cal
     for n, p in r.named_parameters():
         p.requires_grad_(n not in frozen)
     r.train(m.training)
+    r.forward = plain(r.forward)
     return r
+
+
+def plain(fn: Callable) -> Callable:
+    """fn run outside autocast: a yardstick computes as it would without the bf16 kernel's autocast."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return run
 
 
 def to64(a):
@@ -232,6 +251,12 @@ def forward_backward(m: nn.Module, args: tuple, grads_out: Optional[list] = None
 
 
 TOL = {torch.float32: (1e-4, 2e-5), torch.float64: (1e-8, 1e-10)}  # (rtol, atol relative to the largest entry)
+BF16_TOL = (0.0, 3e-2)  # float32 calls under autocast (bf16 products): 3e-2 of the largest entry
+
+
+def tol(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) for results of this dtype; float32 under bf16 autocast gets bf16's."""
+    return BF16_TOL if dtype == torch.float32 and kernels.bf16_autocast() else TOL[dtype]
 
 
 def mismatch(got: Optional[Tensor], want: Tensor, dtype: torch.dtype, what: str) -> Optional[str]:
@@ -242,7 +267,7 @@ def mismatch(got: Optional[Tensor], want: Tensor, dtype: torch.dtype, what: str)
         return f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
     if got.numel() == 0:
         return None
-    rtol, atol = TOL[dtype]
+    rtol, atol = tol(dtype)
     g, w = got.detach().double(), want.detach().double()
     big = float(w.abs().max()) if bool(torch.isfinite(w).all()) else float(w[torch.isfinite(w)].abs().max(initial=0))
     err = (g - w).abs()
@@ -692,7 +717,7 @@ def test_forward_errors(kernel, dtype):
     for margs, mkw, fargs, exc, regex in _gru_forward_errors(dtype):
         theirs = torch.nn.GRU(*margs, **mkw, dtype=dtype)
         with pytest.raises(exc, match=regex):
-            theirs(*fargs)
+            plain(theirs)(*fargs)
         ours = make_gru(kernel, *margs, **mkw, dtype=dtype)
         with pytest.raises(exc, match=regex):
             ours(*fargs)
@@ -1501,7 +1526,7 @@ def test_zero_sizes(kernel, reset_after, case):
     """B = 0 forward and backward (GRU one and two layers, bidirectional, batch_first, with h0;
     GRUCell), GRUCell with hidden size 0 (test_RNN_cell_forward_zero_hidden_size) and input size 0:
     as torch.nn.GRU / GRUCell. Each case runs in a process of its own (a fork of a clean server)."""
-    need(kernel, torch.float32, reset_after)
+    need(kernel, torch.float64 if case == "cell_input0" else torch.float32, reset_after)  # its dtype
     result = isolated("test_torch_contract", "_zero_case", kernel, reset_after, case)
     if result != "pass":
         pytest.fail(result, pytrace=False)

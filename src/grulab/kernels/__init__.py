@@ -74,6 +74,7 @@ class Kernel:
     impl: str  # the grulab.GRU ``impl`` family it belongs to: "fused", "torch" or "reference"
     doc: str
     why_not: Callable[[Query], Optional[str]]  # None if it can run the query, else the reason
+    bf16: bool = False  # bf16 products: float32 calls run it only under torch.autocast (Query.autocast)
 
 
 def _float_dtypes(q: Query) -> Optional[str]:
@@ -126,7 +127,7 @@ def _torch(q: Query) -> Optional[str]:
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("native-avx512bf16", "fused", "AVX-512 loops with bf16 products (vdpbf16ps), float32 state",
-           _native("avx512bf16", _bf16_dtypes, "this CPU has no bf16 units (AVX512-BF16)")),
+           _native("avx512bf16", _bf16_dtypes, "this CPU has no bf16 units (AVX512-BF16)"), bf16=True),
     Kernel("native-avx512", "fused", "C++ loops compiled for AVX-512", _native("avx512")),
     Kernel("native-avx2", "fused", "C++ loops for AVX2+FMA, packed micro-kernels", _native("avx2")),
     Kernel("native-generic", "fused", "C++ loops for any x86-64 CPU", _native("generic")),
