@@ -9,6 +9,7 @@ Inf as in float32, bfloat16 parameters, autotune, and ``grulab train --precision
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -312,7 +313,13 @@ def test_train_precision(tmp_path, precision):
     proc = _train(tmp_path, "--precision", precision)
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]
-    ran = "bf16" if precision == "bf16" or (precision == "auto" and HAS) else "fp32"
+    if precision == "auto" and HAS:  # bf16 where its steps measured AUTO_GAIN x fp32's or more, and says so
+        from grulab.lm.train import AUTO_GAIN
+
+        gain = float(re.search(r"bf16 steps measured ([0-9.]+)x fp32's", first).group(1))
+        ran = "bf16" if gain >= AUTO_GAIN else "fp32"
+    else:
+        ran = "bf16" if precision == "bf16" else "fp32"
     assert f"precision {ran} (--precision {precision}" in first, first
     if precision == "auto":
         assert ("has bf16 units" if HAS else "has no bf16 units") in first

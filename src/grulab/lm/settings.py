@@ -57,8 +57,9 @@ class TrainConfig(ModelArgs):
                        "num steps times larger, which --clip and --lr then act on", choices=LOSSES)
     precision: str = option("fp32", "the training steps' arithmetic: fp32; bf16 (torch.autocast: the GRU's and the "
                             "output layer's products in bf16, the state, gates and master weights float32; the "
-                            "checkpoint stays float32); auto: bf16 where this CPU has bf16 units (AVX512-BF16, AMX), "
-                            "else fp32. Evaluation runs float32", choices=PRECISIONS, resumable=True)
+                            "checkpoint stays float32); auto: bf16 where this CPU has bf16 units (AVX512-BF16, AMX) "
+                            "and a training step of this run's shape measured faster in bf16 (timed before the "
+                            "run), else fp32. Evaluation runs float32", choices=PRECISIONS, resumable=True)
     # budget: training stops at whichever ends first
     epochs: int = option(0, "passes over the training text (0 = until --max-minutes); with both, whichever "
                          "ends first", rule=COUNT, resumable=True)

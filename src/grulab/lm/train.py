@@ -232,11 +232,13 @@ def _train(config: TrainConfig, on_epoch: Optional[Callable[[dict], None]], dist
         net = model if dist.world == 1 else torch.nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(config, model, resumed)
     run = RunState.restore(resumed, config.seed, dist) if resumed else RunState.start(config.seed, dist)
+    ran = precision(config, model, dist)  # ("fp32" or "bf16", why); auto times both (off the run's clock)
     if dist.main:
         start_metrics(config, fresh=resumed is None)
-        log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None, dist=dist)
+        log_start(config, data, model, per_epoch, resumed_at=run.epoch + 1 if resumed else None, precision=ran,
+                  dist=dist)
     s = Session(config, data, model, net, optimizer, run, per_epoch, dist, on_epoch,
-                started=time.perf_counter() - run.elapsed, bf16=precision(config)[0] == "bf16")
+                started=time.perf_counter() - run.elapsed, bf16=ran[0] == "bf16")
     last, saved = {}, run.elapsed  # saved: on the run's clock (agreed by all ranks), the last checkpoint's time
     with progress_bar(config, per_epoch, dist) as s.bar, StopOnSignal() as interrupt:
         for X, Y in remaining_batches(config, data, run):
@@ -316,25 +318,62 @@ def start_metrics(config: TrainConfig, fresh: bool) -> None:
         (Path(config.out) / METRICS).write_text("")
 
 
-def precision(config: TrainConfig) -> tuple[str, str]:
-    """(the precision the steps run in, "fp32" or "bf16"; why), from --precision and the CPU."""
+AUTO_GAIN = 1.05  # --precision auto: bf16 steps must take this much less time than fp32's to be chosen
+
+
+def precision(config: TrainConfig, model: Optional[LanguageModel] = None, dist: Dist = Dist()) -> tuple[str, str]:
+    """(the precision the steps run in, "fp32" or "bf16"; why), from --precision and the CPU; for
+    ``auto`` on a CPU with bf16 units, from the steps of ``model`` timed both ways (bf16_gain)."""
     has = kernels.has_bf16_units()
     if config.precision == "fp32":
         return "fp32", "--precision fp32"
     if config.precision == "bf16":
         return "bf16", "--precision bf16" + ("" if has else "; this CPU has no bf16 units, so the GRU runs "
                                              "float32 and only the output layer bf16")
-    if has:
-        return "bf16", "--precision auto: this CPU has bf16 units (AVX512-BF16)"
-    return "fp32", "--precision auto: this CPU has no bf16 units"
+    if not has:
+        return "fp32", "--precision auto: this CPU has no bf16 units"
+    if model is None:
+        raise ValueError("precision(): --precision auto on a CPU with bf16 units needs the model to time")
+    gain, = dist.max(bf16_gain(config, model, dist))  # every rank decides alike
+    if gain >= AUTO_GAIN:
+        return "bf16", f"--precision auto: this CPU has bf16 units (AVX512-BF16); bf16 steps measured {gain:.2f}x fp32's"
+    return "fp32", (f"--precision auto: this CPU has bf16 units, but bf16 steps measured {gain:.2f}x fp32's "
+                    f"here (under {AUTO_GAIN}x)")
+
+
+def bf16_gain(config: TrainConfig, model: LanguageModel, dist: Dist = Dist()) -> float:
+    """fp32 step time over bf16 step time: forward, loss and backward of one batch of this process's
+    shape on random tokens, interleaved, the best of at least 3 rounds after a warm-up of each (which
+    is where impl="auto" measures its kernels for both). Weights, gradients and the random state are
+    left as they were."""
+    def step(bf16: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = model(X, None)  # (b, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), X.flatten())
+        torch.autograd.grad(loss, params)
+        return time.perf_counter() - t0
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.random.fork_rng(devices=[]):
+        X = torch.randint(model.config.vocab_size, (config.batch_size, config.num_steps),
+                          generator=torch.Generator().manual_seed(0))[dist.rows(config.batch_size)]  # (b, T)
+        for bf16 in (False, True):
+            step(bf16)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        start = time.perf_counter()
+        while len(times[True]) < 3 or len(times[True]) < 9 and time.perf_counter() - start < 1.0:
+            for bf16 in (False, True):
+                times[bf16].append(step(bf16))
+    return min(times[False]) / min(times[True])
 
 
 def log_start(config: TrainConfig, data: Dataset, model: LanguageModel, per_epoch: int,
-              resumed_at: Optional[int], dist: Dist = Dist()) -> None:
+              resumed_at: Optional[int], precision: tuple[str, str], dist: Dist = Dist()) -> None:
     from grulab.lm.distributed import threads_note
 
     split = f", {dist.world} processes" if dist.world > 1 else ""
-    ran, why = precision(config)
+    ran, why = precision  # precision(): what the steps run in, and why
     cleaned = {None: "", "letters": ", letters only as the d2l PyTorch notes",
                "newlines": ", newlines as spaces as the d2l MXNet notes"}[data.rule]
     _log(f"grulab train: {config.corpus} ({len(data.train_ids):,} train / {len(data.val_ids):,} val "
