@@ -100,6 +100,9 @@ def test_native_plan_says_bf16():
 
     p = native.load().plan("avx512bf16", True, 35, 32, 28, 256, True, 2)
     assert p["forward"]["bf16"] and p["backward"]["bf16"]
+    p = native.load().plan("avx512bf16", True, 35, 1, 28, 256, True, 2)  # a batch of 1: bf16 too
+    assert p["forward"]["bf16"] and p["backward"]["bf16"]
+    assert not native.load().plan("avx512bf16", True, 35, 1, 28, 255, True, 2)["forward"]["bf16"]  # odd H
     assert not native.load().plan("avx512", True, 35, 32, 28, 256, True, 2)["forward"]["bf16"]
 
 
@@ -109,8 +112,9 @@ def test_native_plan_says_bf16():
 @needs_bf16
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("reset_after", [True, False])
-@pytest.mark.parametrize("shape", [(35, 32, 28, 256), (100, 64, 256, 1024), (7, 9, 5, 34), (6, 5, 3, 100)],
-                         ids=["seed", "large", "odd-I", "partial-panel"])
+@pytest.mark.parametrize("shape", [(35, 32, 28, 256), (100, 64, 256, 1024), (7, 9, 5, 34), (6, 5, 3, 100),
+                                   (35, 1, 28, 256)],
+                         ids=["seed", "large", "odd-I", "partial-panel", "batch-of-1"])
 def test_within_3e2_of_float64(shape, reset_after, threads):
     leaves, go, gh = layer_case(*shape)
     # float64 yardstick: the reference's equations; at the large shape the native float64 loops (tested
