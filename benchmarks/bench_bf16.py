@@ -1,8 +1,8 @@
 """bf16 under torch.autocast: grulab.GRU against its own float32 and against torch.nn.GRU.
 
 One layer, forward + backward of ``out.sum()`` into every weight, at the seed shape
-(B, T, I, H) = (32, 35, 28, 256) and the large one (64, 100, 256, 1024), all contenders in one
-process, interleaved (round-robin), medians:
+(B, T, I, H) = (32, 35, 28, 256), the large one (64, 100, 256, 1024) and the large one with a batch
+of 1 (1, 100, 256, 1024), all contenders in one process, interleaved (round-robin), medians:
 
 * ``grulab fp32``: grulab.GRU(impl="fused") in float32 (its best native float32 kernel);
 * ``grulab bf16 autocast``: the same module called under ``torch.autocast("cpu", dtype=torch.bfloat16)``
@@ -25,22 +25,22 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gru import fmt_time, gemm_rate, interleaved, results_flags, results_target, write_section  # noqa: E402
+from bench_gru import (fmt_time, gemm_rate, interleaved, meta_lines, results_flags, results_target,  # noqa: E402
+                       write_section)
 
 import grulab  # noqa: E402
 from grulab import kernels  # noqa: E402
 
 SEED = (32, 35, 28, 256)  # (B, T, I, H)
 LARGE = (64, 100, 256, 1024)
+ONE = (1, 100, 256, 1024)  # a batch of 1: the bf16 tile on one row
 
 
 def contenders(shape) -> dict:
@@ -100,7 +100,7 @@ def table(rows: list, rate: float) -> str:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the seed shape only")
-    ap.add_argument("--reps", type=int, default=0, help="repetitions per contender (default: 40 seed, 6 large)")
+    ap.add_argument("--reps", type=int, default=0, help="repetitions per contender (default: 40 seed, 6 large, 20 batch of 1)")
     results_flags(ap)
     return ap
 
@@ -112,22 +112,14 @@ def main(argv=None) -> int:
     rate = gemm_rate(torch.bfloat16, seconds=1.5)
     kernel = kernels.select_name("fused", "cpu", torch.float32, True, True)
     rows = []
-    for shape in [SEED] + ([] if args.quick else [LARGE]):
-        reps = args.reps or (40 if shape == SEED else 6)
+    for shape in [SEED] + ([] if args.quick else [LARGE, ONE]):
+        reps = args.reps or {SEED: 40, LARGE: 6, ONE: 20}[shape]
         rows.append((shape, interleaved(contenders(shape), reps)))  # 2 warm-up rounds, then medians
         t = rows[-1][1]
         print(f"{shape}: " + ", ".join(f"{n} {fmt_time(v)}" for n, v in t.items())
               + f"; bf16 autocast / grulab fp32 = {t['grulab fp32'] / t['grulab bf16 autocast']:.2f}×", flush=True)
-    load_after = os.getloadavg()
-    env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
-    meta = [
-        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: "
-        f"`{' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
-        f"- CPU: {kernels.cpu_model()}; bf16 units: {'yes' if kernels.has_bf16_units() else 'no'}; kernel under "
-        f"autocast: {kernel}; {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}",
-        f"- torch {torch.__version__}, threads {torch.get_num_threads()}; "
-        + ", ".join(f"{k}={v}" for k, v in env.items()),
-        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
+    meta = meta_lines(argv, load_before[0], cpu=f"; bf16 units: {'yes' if kernels.has_bf16_units() else 'no'}; "
+                                                 f"kernel under autocast: {kernel}") + [
         f"- best bf16 torch.mm rate of this process (the floor): {rate / 1e9:.0f} GFLOP/s; fwd+bwd of "
         "out.sum() into every weight, interleaved medians",
     ]

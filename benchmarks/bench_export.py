@@ -24,9 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,11 +38,10 @@ import torch.nn.functional as F
 
 import grulab
 from grulab.lm.model import LanguageModel, ModelConfig
-from grulab.kernels import cpu_model
 from grulab.deploy.onnx_generate import OnnxLanguageModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gru import results_flags, results_target, write_section  # noqa: E402  (this folder)
+from bench_gru import meta_lines, results_flags, results_target, write_section  # noqa: E402  (this folder)
 
 # (name, ModelConfig keywords): the notes' one-hot model, `grulab train`'s default model, a deeper one
 CONFIGS = [
@@ -157,19 +154,12 @@ def main(argv=None) -> int:
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench(n, kw, args.rounds, args.tokens, args.threads, Path(tmp)) for n, kw in CONFIGS]
-    load1 = os.getloadavg()[0]
-    meta = [
-        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
-        f"- torch {torch.__version__}, onnxruntime {ort.__version__}, Python {platform.python_version()}; "
-        f"{args.threads} thread(s) for torch and onnxruntime",
-        f"- load average (1 min) before / after: {load0:.2f} / {load1:.2f}",
+    meta = meta_lines(argv, load0, also=f"; onnxruntime {ort.__version__}; {args.threads} thread(s) for torch and onnxruntime") + [
         f"- per token: medians over {args.rounds} interleaved rounds of {args.tokens} greedy steps (B = 1, "
         f"state carried); in brackets: time / onnxruntime's time in the same round, median and "
         f"interquartile range over the rounds "
         f"(above 1 = slower than onnxruntime)",
         f"- outputs agree to {max(r['diff'] for r in results):.1e} (max |logit difference| over 20 greedy steps)",
-        f"- command: benchmarks/bench_export.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
     ]
     section = "## Export: per-token generation latency\n\n" + "\n".join(meta) + "\n\n" + table(results) + "\n"
     print(section)

@@ -37,10 +37,8 @@ measured keeps its own table.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import itertools
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,7 +48,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gru import fmt_time, gemm_rate, interleaved, results_flags, results_target, write_section  # noqa: E402
+from bench_gru import (fmt_time, gemm_rate, interleaved, meta_lines, results_flags, results_target,  # noqa: E402
+                       write_section)
 
 import grulab  # noqa: E402
 from grulab.kernels import autotune, threads
@@ -232,15 +231,7 @@ def main(argv=None) -> int:
         text, _ = contention()
         parts.append(text)
         print(text)
-    load_after = os.getloadavg()
-    env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
-    meta = [
-        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: "
-        f"`{' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}`",
-        f"- CPU: {family} kernel; {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}",
-        f"- torch {torch.__version__}, threads {torch.get_num_threads()}; "
-        + ", ".join(f"{k}={v}" for k, v in env.items()),
-        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}",
+    meta = meta_lines(argv, load_before[0], cpu=f", {kernels.select_name('fused', 'cpu', torch.float32, True)} kernel") + [
         "- ratio = torch.nn.GRU time / grulab.GRU time (> 1: grulab faster); interleaved medians in one process; "
         "grulab.GRU with impl='auto' (kernel = what its measured dispatch picked)",
     ]

@@ -242,6 +242,25 @@ def results_target(args: argparse.Namespace) -> Optional[Path]:
     return args.out if args.out is not None else RESULTS if args.write_results else None
 
 
+ENV_KEYS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")  # what a BLAS or OpenMP run depends on
+
+
+def meta_lines(argv, load_before: float, cpu: str = "", also: str = "") -> list[str]:
+    """The lines every benchmark's section starts with: date and command, CPU (``cpu``: what to add
+    to its model), torch, threads and the environment (``also``: more there), and the load average
+    before (``load_before``, os.getloadavg()[0] at the start) and now: the machines are shared."""
+    command = " ".join([Path(sys.argv[0]).name] + list(argv if argv is not None else sys.argv[1:]))
+    env = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in ENV_KEYS)
+    return [
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{command}`",
+        f"- CPU: {cpu_model()}{cpu}; {os.cpu_count()} logical CPUs; {platform.system()} {platform.release()}",
+        f"- torch {torch.__version__}, threads {torch.get_num_threads()}, Python {platform.python_version()}"
+        f"{also}; {env}",
+        f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} (on {os.cpu_count()} "
+        "CPUs; above ~0.5 other processes were competing for the cores)",
+    ]
+
+
 def write_section(path: Path, section: str, key: str) -> None:
     """Replace the section between this key's markers (or append it), keeping the rest of the file."""
     BEGIN, END = f"<!-- {key}: begin -->", f"<!-- {key}: end -->"
@@ -298,21 +317,11 @@ def main(argv=None) -> int:
         print(f"run {run + 1}/{args.runs} done", flush=True)
     table = make_table(runs)
 
-    load_after = os.getloadavg()
-    env = {k: os.environ.get(k, "unset") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS")}
-    meta = [
-        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
-        f"- torch {torch.__version__}, threads {torch.get_num_threads()}, Python {platform.python_version()}",
-        f"- fused backend: {fused.backend()}; BLAS: MKL (torch's), no OpenBLAS",
-        "- env: " + ", ".join(f"{k}={v}" for k, v in env.items()),
-        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-        f"(on {os.cpu_count()} CPUs; above ~0.5 other processes were competing for the cores)",
+    meta = meta_lines(argv, load_before[0], also=f"; fused backend: {fused.backend()}; BLAS: MKL (torch's), no OpenBLAS") + [
         f"- medians of interleaved repetitions ({reps_small} small / 5 large / {10 if args.quick else 30}×200 tokens); "
         "ratio = speedup vs torch.nn.GRU; the reference tier is not run at the large shape (too slow)",
         f"- runs: {args.runs}" + (" (each cell: median time over the runs, median ratio, and the "
                                    "ratio's range over the runs in brackets)" if args.runs > 1 else ""),
-        f"- command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}",
     ]
     print()
     print("\n".join(meta))

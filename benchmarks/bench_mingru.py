@@ -36,20 +36,16 @@ file is replaced (one section per thread count); the rest of the file is kept.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import math
 import os
-import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
 import grulab
-from bench_gru import interleaved, results_flags, results_target, write_section  # this folder: run as python benchmarks/bench_mingru.py
+from bench_gru import interleaved, meta_lines, results_flags, results_target, write_section  # this folder: run as python benchmarks/bench_mingru.py
 from grulab import MinGRU
-from grulab.kernels import cpu_model
 from grulab.lm.model import LanguageModel, ModelConfig
 
 try:
@@ -204,24 +200,16 @@ def lm_section(args, argv) -> str:
     for T in args.T:
         rows.append((T, bench_lm(T, B, H, args.reps)))
         print(f"lm T={T}: " + ", ".join(f"{k} {ms(v)}" for k, v in rows[-1][1]["times"].items()), flush=True)
-    load_after = os.getloadavg()
     return "\n".join([
         f"## minGRU language models: training tokens/s, {torch.get_num_threads()} thread(s)",
         "",
-        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{_command(argv)}`",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, threads {torch.get_num_threads()}",
-        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-        f"(the machine is shared; above ~0.5 other processes were competing for the cores)",
+        *meta_lines(argv, load_before[0]),
         f"- one training step of grulab.lm.model.LanguageModel (vocabulary 76, embedding 64, hidden {H}, one layer or "
         f"block), forward + cross-entropy + backward + Adam on a ({B}, T) batch; medians of {args.reps} "
         f"interleaved repetitions in one process; tokens/s = {B}·T / median; parameter counts in brackets",
         "",
         lm_table(rows, B),
     ])
-
-
-def _command(argv) -> str:
-    return " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
 
 
 # -- report ------------------------------------------------------------------------------
@@ -304,19 +292,12 @@ def main(argv=None) -> int:
             rows.append((T, bench_layers(T, B, D, D, H_min, args.reps)))
             print(f"{label} T={T}: " + ", ".join(f"{k} {ms(v)}" for k, v in rows[-1][1]["times"].items()), flush=True)
         tables.append((label, H_min, layer_table(rows)))
-    load_after = os.getloadavg()
-
-    cmd = _command(argv)
     lucid = "minGRU-pytorch " + (__import__("importlib.metadata").metadata.version("minGRU-pytorch")
                                  if LucidMinGRU is not None else "not installed (pip install -e .[bench])")
     parts = [
         f"## minGRU (grulab.MinGRU), {torch.get_num_threads()} thread(s)",
         "",
-        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}; command: `{cmd}`",
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}; {lucid}",
-        f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
-        f"(the machine is shared; above ~0.5 other processes were competing for the cores)",
+        *meta_lines(argv, load_before[0], also=f"; {lucid}"),
         f"- medians of {args.reps} interleaved repetitions in one process; float32; B = {B}, D = {D}",
         "",
         "### The scan alone (forward, no autograd)",
