@@ -10,6 +10,8 @@ of 1 (1, 100, 256, 1024), all contenders in one process, interleaved (round-robi
 * ``torch.nn.GRU fp32`` and ``torch.nn.GRU bf16`` (its parameters and input in bfloat16: torch.nn.GRU
   is not on CPU autocast's list, so its bf16 is bf16 parameters);
 * ``grulab bf16 params``: grulab.GRU with bfloat16 parameters and input;
+* on a CPU with AMX, where ``grulab bf16 autocast`` runs ``native-amx``: ``vdpbf16ps kernel under
+  autocast``, ``native-avx512bf16`` forced (the line printed per shape gives AMX / vdpbf16ps);
 * ``fp32 kernel under autocast``: the module's float32 kernel forced under autocast, which is what
   a CPU without bf16 units runs (its ratio to ``grulab fp32`` is the fallback's cost).
 
@@ -74,7 +76,16 @@ def contenders(shape) -> dict:
             out, _ = ours._run(x, None, float32)
         out.sum().backward()
 
-    return {"grulab fp32": step(ours, x), "grulab bf16 autocast": step(ours, x, autocast=True),
+    more = {}
+    if kernels.select_name("fused", "cpu", torch.float32, True, True) == "native-amx":
+        def vdp():  # on an AMX CPU: the vdpbf16ps kernel, forced, against the AMX one that fused runs
+            for p in ours.parameters():
+                p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = ours._run(x, None, "native-avx512bf16")
+            out.sum().backward()
+        more["vdpbf16ps kernel under autocast"] = vdp
+    return {"grulab fp32": step(ours, x), "grulab bf16 autocast": step(ours, x, autocast=True), **more,
             "fp32 kernel under autocast": fallback,
             "torch.nn.GRU fp32": step(nn32, x), "torch.nn.GRU bf16": step(nn16, x16),
             "grulab bf16 params": step(ours16, x16)}
@@ -117,7 +128,9 @@ def main(argv=None) -> int:
         rows.append((shape, interleaved(contenders(shape), reps)))  # 2 warm-up rounds, then medians
         t = rows[-1][1]
         print(f"{shape}: " + ", ".join(f"{n} {fmt_time(v)}" for n, v in t.items())
-              + f"; bf16 autocast / grulab fp32 = {t['grulab fp32'] / t['grulab bf16 autocast']:.2f}×", flush=True)
+              + f"; bf16 autocast / grulab fp32 = {t['grulab fp32'] / t['grulab bf16 autocast']:.2f}×"
+              + (f"; AMX / vdpbf16ps = {t['vdpbf16ps kernel under autocast'] / t['grulab bf16 autocast']:.2f}×"
+                 if "vdpbf16ps kernel under autocast" in t else ""), flush=True)
     meta = meta_lines(argv, load_before[0], cpu=f"; bf16 units: {'yes' if kernels.has_bf16_units() else 'no'}; "
                                                  f"kernel under autocast: {kernel}") + [
         f"- best bf16 torch.mm rate of this process (the floor): {rate / 1e9:.0f} GFLOP/s; fwd+bwd of "

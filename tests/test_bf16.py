@@ -22,6 +22,9 @@ from grulab import kernels, reference
 from grulab.kernels import autotune, fused
 
 BF16 = "native-avx512bf16"
+AMX = "native-amx"
+# the kernel an autocast call gets here: native-amx where the CPU has AMX-BF16, else BF16, else None
+CHOSEN = kernels.first_native(kernels.Query(autocast=True))[0] if kernels.has_bf16_units() else None
 HAS = kernels.has_bf16_units()
 needs_bf16 = pytest.mark.skipif(not HAS, reason="this CPU has no bf16 units (AVX512-BF16)")
 TOL = 3e-2  # relative to the largest entry
@@ -65,13 +68,13 @@ def test_registry_says_why():
     under = bf16.why_not(kernels.Query(autocast=True))
     if HAS:
         assert under is None
-        assert kernels.select_name("fused", "cpu", torch.float32, True, True) == BF16
+        assert kernels.select_name("fused", "cpu", torch.float32, True, True) == CHOSEN in (AMX, BF16)
         assert bf16.why_not(kernels.Query(dtype=torch.bfloat16)) is None
     else:
         assert "this CPU has no bf16 units" in under
         # the float32 kernel runs the autocast call instead
-        assert kernels.select_name("fused", "cpu", torch.float32, True, True) != BF16
-    assert kernels.select_name("fused", "cpu", torch.float32, True, False) != BF16
+        assert not kernels.BY_NAME[kernels.select_name("fused", "cpu", torch.float32, True, True)].bf16
+    assert not kernels.BY_NAME[kernels.select_name("fused", "cpu", torch.float32, True, False)].bf16
     assert "float32 under autocast" in bf16.why_not(kernels.Query(dtype=torch.float64, autocast=True))
 
 
@@ -82,7 +85,10 @@ def test_kernels_command_names_the_bf16_kernel():
     out = subprocess.run([sys.executable, "-m", "grulab", "kernels", "--autocast-bf16"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     line = next(l for l in out.stdout.splitlines() if BF16 in l)
-    assert ("-> " + BF16 in line) if HAS else ("this CPU has no bf16 units" in line), line
+    assert ("-> " + BF16 in line) if CHOSEN == BF16 else ("this CPU has no bf16 units" in line) if not HAS \
+        else ("runs" in line), line
+    line = next(l for l in out.stdout.splitlines() if AMX in l)
+    assert ("-> " + AMX in line) if CHOSEN == AMX else ("no: " in line and "AMX" in line), line
 
 
 @needs_bf16
@@ -91,7 +97,7 @@ def test_kernels_shape_plan_under_autocast(tmp_path):
     out = subprocess.run([sys.executable, "-m", "grulab", "kernels", "--shape", "35,32,28,256", "--train",
                           "--autocast-bf16"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert f"kernel: {BF16}" in out.stdout and "bf16 products" in out.stdout, out.stdout
+    assert f"kernel: {CHOSEN}" in out.stdout and "bf16 products" in out.stdout, out.stdout
 
 
 @needs_bf16
@@ -433,3 +439,91 @@ def test_forced_bf16_kernel_under_autocast(monkeypatch):
     finally:
         monkeypatch.delenv("GRULAB_KERNEL")
         fused.forget_choices()
+
+
+# -- AMX tiles (native-amx) ---------------------------------------------------------------------
+#
+# The amx table's loops run 16 rows at a time on AMX tiles. The same code compiled on tiles
+# emulated in software (the native table "amx-emulated", for tests only) runs on any CPU with
+# AVX512-BF16, so the row blocks, strides, column tails and partial panels are tested here on
+# every such CPU; the real tiles where the CPU has them.
+
+HAS_AMX = CHOSEN == AMX
+
+
+def native_case(T, B, I, H, reset_after, isa, threads=2, seed=0):
+    """[out, dx, dh0, dw_ih, dw_hh, db_ih, db_hh] of the native loops of ``isa`` (float32 under bf16
+    products) and the reference's in float64, on the same random layer."""
+    from grulab.kernels import native
+
+    mod = native.load()
+    (x, h0, w_ih, w_hh, b_ih, b_hh), go, _ = layer_case(T, B, I, H, seed)
+    f32 = [t.float() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    out, _, saved = mod.forward(*f32, reset_after, True, isa, threads)
+    grads = mod.backward(go.float(), None, f32[0], f32[1], f32[2], f32[3], out, saved, reset_after,
+                         True, True, True, True, isa, threads, 0)
+    leaves = [t.clone().requires_grad_() for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    o, _ = reference.gru_layer(*leaves, reset_after)
+    want = [o.detach(), *torch.autograd.grad((o * go).sum(), leaves)]
+    return [out, *[g for g in grads if g is not None]], want
+
+
+AMX_SHAPES = [(7, 32, 28, 256), (5, 9, 5, 34), (6, 20, 40, 96), (4, 1, 28, 64), (3, 40, 3, 100)]
+AMX_IDS = ["seed-like", "odd-I-partial-panel", "rows-past-a-tile", "batch-of-1", "tails"]
+
+
+@needs_bf16
+def test_amx_self_check_emulated():
+    from grulab.kernels import native
+
+    assert native.load().amx_self_check("amx-emulated")
+
+
+@needs_bf16
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=AMX_IDS)
+def test_amx_tiles_emulated_match_the_bf16_kernel_and_float64(shape, reset_after, threads):
+    """The AMX loops on emulated tiles: within 3e-2 of float64 like the bf16 kernel, and within 3e-3 of
+    the vdpbf16ps loops (the same bf16 operands; the float32 sums in another order, and where that
+    moves a gate gradient across a bf16 rounding boundary, the chunk GEMMs see one ulp more)."""
+    got, want = native_case(*shape, reset_after, "amx-emulated", threads)
+    vdp, _ = native_case(*shape, reset_after, "avx512bf16", threads)
+    names = ["out", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    for name, a, b, c in zip(names, got, vdp, want):
+        assert rel(a, c) < TOL, (name, rel(a, c))
+        assert rel(a, b) < 3e-3, (name, rel(a, b))
+    T, B, I, H = shape
+    if native_plan_bf16(T, B, I, H, reset_after):
+        assert rel(got[0], want[0]) > 1e-5  # bf16 products ran
+        assert not torch.equal(got[0], vdp[0])  # on other code than vdpbf16ps's (other sums' order)
+
+
+def native_plan_bf16(T, B, I, H, reset_after) -> bool:
+    from grulab.kernels import native
+
+    return native.load().plan("avx512bf16", True, T, B, I, H, reset_after, 2)["forward"]["bf16"]
+
+
+def test_amx_kernel_says_why_not():
+    why = kernels.BY_NAME[AMX].why_not(kernels.Query(autocast=True))
+    if HAS_AMX:
+        assert why is None
+    else:
+        assert why is not None and "AMX" in why, why
+        assert kernels.select_name("fused", "cpu", torch.float32, True, True) != AMX
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="this CPU has no AMX-BF16 tiles (or the OS did not grant them)")
+@pytest.mark.parametrize("reset_after", [True, False])
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=AMX_IDS)
+def test_amx_tiles_match_their_emulation(shape, reset_after):
+    """The real tiles give the emulated tiles' results (the same sums, to the float32 rounding of each)."""
+    from grulab.kernels import native
+
+    assert native.load().amx_self_check("amx")
+    got, want = native_case(*shape, reset_after, "amx")
+    emu, _ = native_case(*shape, reset_after, "amx-emulated")
+    for a, b, c in zip(got, emu, want):
+        assert rel(a, c) < TOL
+        assert rel(a, b) < 3e-3

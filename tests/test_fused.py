@@ -230,9 +230,9 @@ def test_a_retained_graph_runs_its_backward_twice(tier):
         torch.testing.assert_close(a, 2 * t.grad, **TOL[torch.float64])
 
 
-# The float32/float64 native tables; the bf16 one (bf16 products: other tolerances) has its
+# The float32/float64 native tables; the bf16 ones (bf16 products: other tolerances) have their
 # own tests, tests/test_bf16.py.
-NATIVE = [t for t in TIERS if t.startswith("native-") and not t.endswith("bf16")]
+NATIVE = [t for t in TIERS if t.startswith("native-") and not kernels.BY_NAME[t].bf16]
 
 
 def _native_case(kernel, T, B, I, H, dtype=torch.float32):
@@ -444,7 +444,7 @@ def test_forced_kernel_the_cpu_cannot_run_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="GRULAB_KERNEL=native-avx2 cannot run here: float32 and float64 only"):
         kernels.select_name("fused", "cpu", x.dtype, True)
     monkeypatch.setenv(kernels.ENV, "warp-drive")
-    with pytest.raises(ValueError, match="expected one of native-avx512"):
+    with pytest.raises(ValueError, match="expected one of native-amx, native-avx512bf16, native-avx512"):
         kernels.select_name("fused", "cpu", torch.float32, True)
 
 

@@ -152,9 +152,9 @@ def test_a_bad_kernel_as_a_process_is_one_line_and_leaves_no_run(tmp_path, corpu
     for proc in procs:
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert error_lines(proc.stderr) == [
-            "grulab: error: GRULAB_KERNEL='native-neon' is not a fused kernel; expected one of native-avx512bf16, "
-            "native-avx512, native-avx2, native-generic, fused-torch; fix or unset GRULAB_KERNEL (grulab kernels "
-            "lists them)"]
+            "grulab: error: GRULAB_KERNEL='native-neon' is not a fused kernel; expected one of native-amx, "
+            "native-avx512bf16, native-avx512, native-avx2, native-generic, fused-torch; fix or unset GRULAB_KERNEL "
+            "(grulab kernels lists them)"]
     assert not out.exists()
 
 

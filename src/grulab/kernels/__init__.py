@@ -14,6 +14,7 @@ its two tiers), :mod:`~grulab.kernels.native` (building and loading ``csrc/``),
 ========================  ======================================================
 kernel                    what it is
 ========================  ======================================================
+``native-amx``            the same with the per-step bf16 products on AMX tiles (AMX-BF16)
 ``native-avx512bf16``     the AVX-512 loops with bf16 products (AVX512-BF16), for
                           torch.autocast("cpu", torch.bfloat16) and bfloat16 parameters
 ``native-avx512``         csrc/ loops compiled for AVX-512 (CPU, float32/64)
@@ -29,7 +30,8 @@ panels, both cell forms (reset-after, and the notes' reset-before where the batc
 or more and the weights fit in one core's L2); ``plan()`` says what a shape runs.
 
 Mixed precision. Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (and for bfloat16
-parameters) ``native-avx512bf16`` runs the products in bf16 with float32 sums, and keeps the
+parameters) ``native-amx`` (AMX tiles, where the CPU has AMX-BF16 and the OS grants the tiles)
+or ``native-avx512bf16`` (vdpbf16ps) runs the products in bf16 with float32 sums, and keeps the
 hidden state, the gate arithmetic, the saved gates and the results in float32 (bfloat16
 parameters get bfloat16 results and gradients, computed the same way). Where the CPU has no
 bf16 units the float32 kernels run the autocast call in float32: its ``why_not`` says so.
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -92,9 +94,9 @@ def _bf16_dtypes(q: Query) -> Optional[str]:
 
 
 def _native(isa: str, dtypes: Callable[[Query], Optional[str]] = _float_dtypes,
-            lacks: Optional[str] = None) -> Callable[[Query], Optional[str]]:
+            lacks: Optional[str | Callable[[Any], str]] = None) -> Callable[[Query], Optional[str]]:
     """why_not of the native table ``isa``: ``dtypes`` says which calls it takes, ``lacks`` what a CPU
-    without ``isa`` is told (default: "this CPU lacks ISA")."""
+    without ``isa`` is told (default: "this CPU lacks ISA"; a function of the native module: its answer)."""
     def why_not(q: Query) -> Optional[str]:  # every reason, not just the first
         reasons = []
         if q.device != "cpu":
@@ -105,7 +107,7 @@ def _native(isa: str, dtypes: Callable[[Query], Optional[str]] = _float_dtypes,
         if mod is None:
             reasons.append(f"native extension unavailable ({native.error()})")
         elif not mod.cpu_supports(isa):
-            reasons.append(lacks or f"this CPU lacks {isa.upper()}")
+            reasons.append((lacks(mod) if callable(lacks) else lacks) or f"this CPU lacks {isa.upper()}")
         return "; ".join(reasons) or None
 
     return why_not
@@ -126,6 +128,8 @@ def _torch(q: Query) -> Optional[str]:
 
 
 KERNELS: tuple[Kernel, ...] = (
+    Kernel("native-amx", "fused", "AVX-512 loops with bf16 products on AMX tiles (tdpbf16ps), float32 state",
+           _native("amx", _bf16_dtypes, lambda mod: mod.amx_unavailable()), bf16=True),
     Kernel("native-avx512bf16", "fused", "AVX-512 loops with bf16 products (vdpbf16ps), float32 state",
            _native("avx512bf16", _bf16_dtypes, "this CPU has no bf16 units (AVX512-BF16)"), bf16=True),
     Kernel("native-avx512", "fused", "C++ loops compiled for AVX-512", _native("avx512")),

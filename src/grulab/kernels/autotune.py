@@ -88,9 +88,11 @@ def signature(module, input: torch.Tensor, hx: Optional[torch.Tensor], grad: boo
 def candidates(query: kernels.Query) -> list[str]:
     """Kernel names that can run ``query``, the static choice first."""
     names = []
-    # Under bf16 autocast the bf16 kernel and the float32 one both (auto is never slower than float32).
+    # Under bf16 autocast every bf16 kernel (AMX tiles, vdpbf16ps) and the float32 one (auto is never
+    # slower than float32).
     float32 = kernels.Query(query.device, query.dtype, query.reset_after)
-    for name in (kernels.first_native(query)[0], kernels.first_native(float32)[0], "fused-torch", "torch"):
+    bf16 = [k.name for k in kernels.KERNELS if k.bf16] if query.autocast else []
+    for name in (kernels.first_native(query)[0], *bf16, kernels.first_native(float32)[0], "fused-torch", "torch"):
         if name is not None and name not in names and kernels.BY_NAME[name].why_not(query) is None:
             names.append(name)
     static = kernels.select_name("auto", query.device, query.dtype, query.reset_after, query.autocast)

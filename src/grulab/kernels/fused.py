@@ -77,8 +77,9 @@ Two tiers implement this, with the same autograd wrapper:
   barrier at all (``split_rows`` in ``csrc/native.h``).
 
 Mixed precision. Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` grulab.kernels picks the
-native tier's bf16 table (``native-avx512bf16``, where the CPU has AVX512-BF16): the same loops,
-but the per-step products take bf16 operands with float32 sums (``csrc/loops_bf16.inc``), and
+native tier's bf16 tables (``native-amx``, where the CPU has AMX-BF16 tiles, else
+``native-avx512bf16``, where it has AVX512-BF16): the same loops, but the per-step products take
+bf16 operands with float32 sums (``csrc/loops_bf16.inc``, on AMX ``csrc/loops_amx.inc``), and
 dW_hh, dW_ih and dX are bf16 GEMMs per chunk; h, the gates, what is saved and what is returned
 stay float32. Every other kernel runs an autocast call in float32 (the backends below run with
 autocast off). bfloat16 parameters run the bf16 table on float32 copies (_NativeTier).

@@ -178,7 +178,8 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
   // bf16: the loop writes each gate gradient row a second time, rounded to bf16, into dgb (same
   // layout, its own pad), which its per-step GEMMs and the chunk's GEMMs below read.
   const int64_t gsb = used * 2 % 1024 == 0 ? used + 32 : used;
-  Tensor dgb = plan.bf16 ? scratch(kDgBf16, {Tc, B, gsb}, opts.dtype(at::kBFloat16)) : Tensor();
+  Tensor dgb = plan.bf16 ? scratch(kDgBf16, {Tc * B + kTileRowSlack, gsb}, opts.dtype(at::kBFloat16))
+                        : Tensor();  // (Tc*B, gsb) and kTileRowSlack rows (native.h)
   uint16_t* const dgb_ptr = plan.bf16 ? reinterpret_cast<uint16_t*>(dgb.data_ptr()) : nullptr;
 
   const Tensor h0c = h0.contiguous(), w_hhc = w_hh.contiguous(), w_ihc = w_ih.contiguous();
@@ -232,7 +233,7 @@ std::vector<Tensor> gru_backward(const std::optional<Tensor>& grad_out_,
       // torch's bf16 matmuls (oneDNN) and conversions take their thread count from OpenMP's
       // setting for this thread: the governor's count while they run (MKL's BlasThreads has no say)
       const OmpThreads omp_threads(threads);
-      chunk_grads_bf16(dgb.narrow(0, 0, n).view({n * B, gsb}), x_c, w_ihc, hprev, out.narrow(0, t0, n - 1),
+      chunk_grads_bf16(dgb.narrow(0, 0, n * B), x_c, w_ihc, hprev, out.narrow(0, t0, n - 1),
                        saved.narrow(0, t0, n), reset_after, need_x ? dx.narrow(0, t0, n).view({n * B, I}) : Tensor(),
                        dw_ih, dw_hh, beta, w_ihb);
       t1 = t0;

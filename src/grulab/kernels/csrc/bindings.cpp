@@ -41,5 +41,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "what the native loops decide for a call (packed or not, split, chunking, threads)");
   m.def("release_scratch", &grulab::release_scratch, "free the calling thread's kept scratch buffers");
   m.def("cpu_supports", [](const std::string& isa) { return grulab::cpu_supports(isa.c_str()); },
-        "whether this CPU can run the kernels of an instruction set (generic, avx2, avx512)");
+        "whether this CPU can run the kernels of an instruction set (generic, avx2, avx512, avx512bf16, amx)");
+  m.def("amx_unavailable", []() { return std::string(grulab::amx_unavailable()); },
+        "why the AMX table cannot run here ('' if it can)");
+  m.def("amx_self_check", [](const std::string& isa) {
+    TORCH_CHECK(isa == "amx" || isa == "amx-emulated", "amx_self_check: 'amx' or 'amx-emulated', got '", isa, "'");
+    grulab::ops_for(isa);  // raises where this CPU cannot run it
+    return isa == "amx" ? grulab::amx::self_check() : grulab::amx_emulated::self_check();
+  }, "the AMX tiles' self-check (a known product) on the amx or the emulated table");
 }

@@ -8,7 +8,8 @@ const IsaOps& ops_for(const std::string& isa) {
   const IsaOps* ops = isa_ops(isa.c_str());
   TORCH_CHECK(ops != nullptr, "grulab native GRU: this CPU cannot run the '", isa,
               "' kernels (expected one of: generic", cpu_supports("avx2") ? ", avx2" : "",
-              cpu_supports("avx512") ? ", avx512" : "", ")");
+              cpu_supports("avx512") ? ", avx512" : "", cpu_supports("avx512bf16") ? ", avx512bf16" : "",
+              cpu_supports("amx") ? ", amx" : "", ")");
   return *ops;
 }
 
@@ -72,11 +73,13 @@ std::vector<Tensor> gru_forward(const Tensor& x_, const Tensor& h0_, const Tenso
     // an even length; h_{t-1}'s bf16 rows then alternate between hbf[0] and hbf[1].
     Tensor xb, hbf, cbf;
     if (plan.bf16) {
-      xb = Ip == I ? x.to(at::kBFloat16) : at::zeros({Tn, B, Ip}, x.options().dtype(at::kBFloat16));
-      if (Ip != I) xb.narrow(2, 0, I).copy_(x);
-      hbf = at::empty({2, B, H}, x.options().dtype(at::kBFloat16));
-      hbf[0].copy_(h0);
-      if (!reset_after) cbf = at::empty({B, H}, x.options().dtype(at::kBFloat16));
+      // Each buffer has kTileRowSlack zero rows after its last (AMX reads whole 16-row tiles).
+      const auto bf16 = x.options().dtype(at::kBFloat16);
+      xb = at::zeros({Tn * B + kTileRowSlack, Ip}, bf16);  // (T*B, Ip) x's rows
+      xb.narrow(0, 0, Tn * B).narrow(1, 0, I).copy_(x.view({Tn * B, I}));
+      hbf = at::zeros({2 * B + kTileRowSlack, H}, bf16);  // (2*B, H) h_{t-1}'s rows, two steps
+      hbf.narrow(0, 0, B).copy_(h0);
+      if (!reset_after) cbf = at::zeros({B + kTileRowSlack, H}, bf16);  // (B, H) r ⊙ h_{t-1}
     }
     auto bf = [](const Tensor& t) { return t.defined() ? reinterpret_cast<uint16_t*>(t.data_ptr()) : nullptr; };
     (plan.bf16 ? ops.forward_packed_bf : ops.forward_packed)(

@@ -1,7 +1,7 @@
 // The native GRU's loops compiled for AVX-512 with AVX512-BF16: the avx512 table's loops, plus
-// the bf16 micro-kernels (vdpbf16ps, loops_bf16.inc) that autocast's bf16 runs. On a CPU with
-// AMX (Sapphire Rapids) these run too (AMX CPUs have AVX512-BF16); the batched GEMMs of the
-// glue go to oneDNN, which uses AMX there.
+// the bf16 micro-kernels (vdpbf16ps, loops_bf16.inc) that autocast's bf16 runs. A CPU with AMX
+// (Sapphire Rapids) gets the amx table (isa_amx.cpp) first, and this one where the OS does not
+// grant the tiles; the batched GEMMs of the glue go to oneDNN, which uses AMX there.
 // cpu.cpp picks this table only on a CPU that has these instructions.
 #include <immintrin.h>
 

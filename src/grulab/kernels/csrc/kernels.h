@@ -172,11 +172,16 @@ namespace generic { extern const IsaOps ops; }
 namespace avx2 { extern const IsaOps ops; }
 namespace avx512 { extern const IsaOps ops; }
 namespace avx512bf16 { extern const IsaOps ops; }
+namespace amx { extern const IsaOps ops; bool self_check(); }
+namespace amx_emulated { extern const IsaOps ops; bool self_check(); }
 
-// The table for `name` ("generic", "avx2", "avx512", "avx512bf16"), or null if this CPU
-// cannot run it or the name is unknown (cpu.cpp).
+// The table for `name` ("generic", "avx2", "avx512", "avx512bf16", "amx"; "amx-emulated" for
+// tests), or null if this CPU cannot run it or the name is unknown (cpu.cpp).
 const IsaOps* isa_ops(const char* name);
 // Whether this CPU (and OS) can run `name`.
 bool cpu_supports(const char* name);
+// Why the amx table cannot run here ("" if it can): no AMX-BF16, the OS refused the tile
+// state, or the tiles failed their self-check (cpu.cpp; decided once per process).
+const char* amx_unavailable();
 
 }  // namespace grulab

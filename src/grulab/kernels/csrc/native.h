@@ -18,6 +18,10 @@ namespace grulab {
 
 using at::Tensor;
 
+// Rows left after each bf16 row buffer that the loops read by tiles (x_t, h_{t-1}, r ⊙ h_{t-1},
+// dG_h): an AMX tile reads 16 rows, the last ones past the caller's (loops_amx.inc).
+constexpr int64_t kTileRowSlack = 16;
+
 // Scratch buffers kept from call to call (scratch.cpp).
 enum ScratchSlot { kGx = 0, kDg = 1, kPackHH = 2, kPackIH = 3, kPackCols = 4, kDbPart = 5, kDgBf16 = 6, kNumSlots = 7 };
 Tensor scratch(ScratchSlot slot, at::IntArrayRef sizes, const at::TensorOptions& opts);
