@@ -14,7 +14,8 @@ its two tiers), :mod:`~grulab.kernels.native` (building and loading ``csrc/``),
 ========================  ======================================================
 kernel                    what it is
 ========================  ======================================================
-``native-amx``            the same with the per-step bf16 products on AMX tiles (AMX-BF16)
+``native-amx``            native-avx512bf16's loops with the per-step products on AMX
+                          tiles (AMX-BF16, where the OS grants them)
 ``native-avx512bf16``     the AVX-512 loops with bf16 products (AVX512-BF16), for
                           torch.autocast("cpu", torch.bfloat16) and bfloat16 parameters
 ``native-avx512``         csrc/ loops compiled for AVX-512 (CPU, float32/64)
