@@ -109,6 +109,10 @@ def test_native_plan_says_bf16():
     p = native.load().plan("avx512bf16", True, 35, 1, 28, 256, True, 2)  # a batch of 1: bf16 too
     assert p["forward"]["bf16"] and p["backward"]["bf16"]
     assert not native.load().plan("avx512bf16", True, 35, 1, 28, 255, True, 2)["forward"]["bf16"]  # odd H
+    for B, bf16 in ((1, False), (2, True), (7, True)):  # reset_after=False: bf16 from 2 rows, split by rows
+        p = native.load().plan("avx512bf16", True, 35, B, 28, 256, False, 2)
+        assert p["forward"]["bf16"] == p["backward"]["bf16"] == bf16, (B, p)
+        assert bf16 <= (p["forward"]["split"] == "rows")
     assert not native.load().plan("avx512", True, 35, 32, 28, 256, True, 2)["forward"]["bf16"]
 
 
@@ -140,7 +144,7 @@ def test_within_3e2_of_float64(shape, reset_after, threads):
     for name, a, b in zip(names, got, want):
         assert a.dtype == torch.float32, name
         assert rel(a, b) < TOL, (name, rel(a, b))
-    # and it ran in bf16 where the native plan says so (reset_after=False below 8 rows: float32)
+    # and it ran in bf16 where the native plan says so (reset_after=False with one row: float32)
     from grulab.kernels import native
 
     T, B, I, H = shape

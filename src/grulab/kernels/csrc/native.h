@@ -63,12 +63,17 @@ inline bool rows_reset_before(const IsaOps& ops, int64_t B, int64_t weight_float
   return ops.packed && B >= kMinRowsResetBefore && fits_l2(weight_floats);
 }
 
-// The bf16 table runs reset_after=False split by rows from kMinRowsResetBefore rows whether or not
-// the weights fit in L2 (H even, as for every bf16 plan): each thread then streams the bf16 weights
-// (half of float32's bytes) from L3 every step, and still beat the float32 time loop that runs there
-// otherwise (measured at (64, 100, 256, 1024) on AMD EPYC Zen 4: see benchmarks/results.md).
+// The bf16 table runs reset_after=False split by rows from kMinRowsResetBeforeBf16 rows whether or
+// not the weights fit in L2 (H even, as for every bf16 plan): each thread then streams the bf16
+// weights (half of float32's bytes) from L3 every step, and still beat the float32 time loop that
+// runs there otherwise (measured at (64, 100, 256, 1024) on AMD EPYC Zen 4: see benchmarks/results.md).
+// Below 8 rows too: fwd+bwd over the float32 loops at (T, B, I, H) = (35, 2, 28, 256) 1.10x,
+// (35, 3, 28, 256) 1.31x, (35, 4, 28, 256) 1.71x, (100, 2, 256, 1024) 1.83x, (100, 4, 256, 1024)
+// 4.01x; but one row is one thread's work, 0.95x at (35, 1, 28, 256) (Zen 4, 2 threads). The rule
+// does not depend on the thread count, so the bits do not either.
+constexpr int64_t kMinRowsResetBeforeBf16 = 2;
 inline bool bf16_rows_reset_before(const IsaOps& ops, bool is_float, int64_t B, int64_t H) {
-  return ops.bf16 && ops.packed && is_float && B >= kMinRowsResetBefore && H % 2 == 0;
+  return ops.bf16 && ops.packed && is_float && B >= kMinRowsResetBeforeBf16 && H % 2 == 0;
 }
 
 // The same for reset_after=True: the bf16 table splits the rows wherever every thread gets a full
