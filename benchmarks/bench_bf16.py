@@ -10,6 +10,8 @@ of 1 (1, 100, 256, 1024), all contenders in one process, interleaved (round-robi
 * ``torch.nn.GRU fp32`` and ``torch.nn.GRU bf16`` (its parameters and input in bfloat16: torch.nn.GRU
   is not on CPU autocast's list, so its bf16 is bf16 parameters);
 * ``grulab bf16 params``: grulab.GRU with bfloat16 parameters and input;
+* and, for the notes' ``reset_after=False`` cell with 1 to 4 rows, grulab fp32 against bf16 autocast
+  (the bf16 loops split by rows from 2 rows);
 * on a CPU with AMX, where ``grulab bf16 autocast`` runs ``native-amx``: ``vdpbf16ps kernel under
   autocast``, ``native-avx512bf16`` forced (the line printed per shape gives AMX / vdpbf16ps);
 * ``fp32 kernel under autocast``: the module's float32 kernel forced under autocast, which is what
@@ -43,6 +45,26 @@ from grulab import kernels  # noqa: E402
 SEED = (32, 35, 28, 256)  # (B, T, I, H)
 LARGE = (64, 100, 256, 1024)
 ONE = (1, 100, 256, 1024)  # a batch of 1: the bf16 tile on one row
+# the notes' reset-before cell with few rows: bf16 split by rows from 2, against the float32 time loop
+FEW_ROWS = [(1, 35, 28, 256), (2, 35, 28, 256), (4, 35, 28, 256), (4, 100, 256, 1024)]
+
+
+def few_rows(shape, reps: int) -> dict:
+    """grulab.GRU(reset_after=False) fwd+bwd in float32 and under autocast (torch has no such cell)."""
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    ours = grulab.GRU(I, H, impl="fused", reset_after=False)
+    x = torch.randn(T, B, I)
+
+    def step(autocast):
+        def call():
+            for p in ours.parameters():
+                p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out, _ = ours(x)
+            out.sum().backward()
+        return call
+    return interleaved({"grulab fp32": step(False), "grulab bf16 autocast": step(True)}, reps)
 
 
 def contenders(shape) -> dict:
@@ -137,6 +159,15 @@ def main(argv=None) -> int:
         "out.sum() into every weight, interleaved medians",
     ]
     text = "\n".join(meta) + "\n\n" + table(rows, rate)
+    if not args.quick:
+        lines = ["", "reset_after=False (the notes' cell) with few rows, fwd+bwd (torch.nn.GRU has no such cell):", "",
+                 "| (B, T, I, H) | grulab fp32 | grulab bf16 autocast | bf16 autocast / grulab fp32 |", "|---|---|---|---|"]
+        for shape in FEW_ROWS:
+            t = few_rows(shape, args.reps or (20 if shape[3] < 1024 else 6))
+            lines.append(f"| {shape} | {fmt_time(t['grulab fp32'])} | {fmt_time(t['grulab bf16 autocast'])} | "
+                         f"{t['grulab fp32'] / t['grulab bf16 autocast']:.2f}× |")
+            print(lines[-1], flush=True)
+        text += "\n" + "\n".join(lines)
     print("\n" + text)
     if target is not None:
         write_section(target, f"## bf16 under autocast: {kernels.cpu_model()}\n\n" + text,

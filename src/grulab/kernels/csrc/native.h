@@ -67,10 +67,10 @@ inline bool rows_reset_before(const IsaOps& ops, int64_t B, int64_t weight_float
 // not the weights fit in L2 (H even, as for every bf16 plan): each thread then streams the bf16
 // weights (half of float32's bytes) from L3 every step, and still beat the float32 time loop that
 // runs there otherwise (measured at (64, 100, 256, 1024) on AMD EPYC Zen 4: see benchmarks/results.md).
-// Below 8 rows too: fwd+bwd over the float32 loops at (T, B, I, H) = (35, 2, 28, 256) 1.10x,
-// (35, 3, 28, 256) 1.31x, (35, 4, 28, 256) 1.71x, (100, 2, 256, 1024) 1.83x, (100, 4, 256, 1024)
-// 4.01x; but one row is one thread's work, 0.95x at (35, 1, 28, 256) (Zen 4, 2 threads). The rule
-// does not depend on the thread count, so the bits do not either.
+// Below 8 rows too, where the float32 kernel runs its time loop: from 2 rows the bf16 loops were
+// faster (bench_bf16's few-rows table), while one row is one thread's work (0.95x fwd+bwd at
+// (T, B, I, H) = (35, 1, 28, 256) on AMD EPYC Zen 4). The rule does not depend on the thread
+// count, so the bits do not either.
 constexpr int64_t kMinRowsResetBeforeBf16 = 2;
 inline bool bf16_rows_reset_before(const IsaOps& ops, bool is_float, int64_t B, int64_t H) {
   return ops.bf16 && ops.packed && is_float && B >= kMinRowsResetBeforeBf16 && H % 2 == 0;
