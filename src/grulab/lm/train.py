@@ -321,7 +321,7 @@ def start_metrics(config: TrainConfig, fresh: bool) -> None:
 AUTO_GAIN = 1.05  # --precision auto: bf16 steps must take this much less time than fp32's to be chosen
 
 
-def precision(config: TrainConfig, model: Optional[LanguageModel] = None, dist: Dist = Dist()) -> tuple[str, str]:
+def precision(config: TrainConfig, model: LanguageModel, dist: Dist = Dist()) -> tuple[str, str]:
     """(the precision the steps run in, "fp32" or "bf16"; why), from --precision and the CPU; for
     ``auto`` on a CPU with bf16 units, from the steps of ``model`` timed both ways (bf16_gain)."""
     has = kernels.has_bf16_units()
@@ -332,8 +332,6 @@ def precision(config: TrainConfig, model: Optional[LanguageModel] = None, dist: 
                                              "float32 and only the output layer bf16")
     if not has:
         return "fp32", "--precision auto: this CPU has no bf16 units"
-    if model is None:
-        raise ValueError("precision(): --precision auto on a CPU with bf16 units needs the model to time")
     gain, = dist.max(bf16_gain(config, model, dist))  # every rank decides alike
     if gain >= AUTO_GAIN:
         return "bf16", f"--precision auto: this CPU has bf16 units (AVX512-BF16); bf16 steps measured {gain:.2f}x fp32's"

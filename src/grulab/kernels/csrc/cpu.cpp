@@ -24,7 +24,7 @@ bool cpu_supports(const char* name) {
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   if (std::strcmp(name, "avx512bf16") == 0)
     return cpu_supports("avx512") && __builtin_cpu_supports("avx512bf16");
-  if (std::strcmp(name, "amx") == 0) return cpu_supports("avx512bf16") && amx_unavailable()[0] == '\0';
+  if (std::strcmp(name, "amx") == 0) return amx_unavailable()[0] == '\0';  // AVX512-BF16 included
   if (std::strcmp(name, "amx-emulated") == 0) return cpu_supports("avx512bf16");
   return false;
 }

@@ -72,14 +72,19 @@ inline bool rows_reset_before(const IsaOps& ops, int64_t B, int64_t weight_float
 // (T, B, I, H) = (35, 1, 28, 256) on AMD EPYC Zen 4). The rule does not depend on the thread
 // count, so the bits do not either.
 constexpr int64_t kMinRowsResetBeforeBf16 = 2;
+// Whether the bf16 table's packed loops take a call at all: float32 (under autocast, or bfloat16
+// parameters on float32 copies) and H even (no padded pairs in the rows of h).
+inline bool bf16_products(const IsaOps& ops, bool is_float, int64_t H) {
+  return ops.bf16 && ops.packed && is_float && H % 2 == 0;
+}
 inline bool bf16_rows_reset_before(const IsaOps& ops, bool is_float, int64_t B, int64_t H) {
-  return ops.bf16 && ops.packed && is_float && B >= kMinRowsResetBeforeBf16 && H % 2 == 0;
+  return bf16_products(ops, is_float, H) && B >= kMinRowsResetBeforeBf16;
 }
 
 // The same for reset_after=True: the bf16 table splits the rows wherever every thread gets a full
 // register tile of rows, whether or not the weights fit in L2 (split_rows' rule for float32).
 inline bool bf16_split_rows(const IsaOps& ops, bool is_float, int64_t B, int64_t H, int nt) {
-  return ops.bf16 && ops.packed && is_float && nt > 1 && ops.rows > 0 && B >= nt * ops.rows && H % 2 == 0;
+  return bf16_products(ops, is_float, H) && nt > 1 && ops.rows > 0 && B >= nt * ops.rows;
 }
 
 // Whether the packed time loops split the batch rows among the threads instead
@@ -111,8 +116,8 @@ inline ForwardPlan forward_plan(const IsaOps& ops, bool is_float, int64_t B, int
   p.threads = loop_threads(B, H, threads);
   p.by_rows = reset_after ? split_rows(ops, B, 3 * H * (H + I), p.threads) || bf16_split_rows(ops, is_float, B, H, p.threads)
                           : rows_reset_before(ops, B, 3 * H * (H + I)) || bf16_rows_reset_before(ops, is_float, B, H);
-  p.packed = ops.packed && is_float && (B > 1 || (ops.bf16 && H % 2 == 0)) && (reset_after || p.by_rows);
-  p.bf16 = ops.bf16 && p.packed && H % 2 == 0;
+  p.packed = ops.packed && is_float && (B > 1 || bf16_products(ops, is_float, H)) && (reset_after || p.by_rows);
+  p.bf16 = p.packed && bf16_products(ops, is_float, H);
   return p;
 }
 
@@ -158,7 +163,7 @@ inline BackwardPlan backward_plan(const IsaOps& ops, bool is_float, int64_t Tn, 
   // (3H, T*B) @ (T*B, 28) at ≈80 GFLOP/s; the tile reads dG_x in place, row by row, and
   // like every native GEMM here does not depend on the thread count.
   p.dw_ih_narrow = is_float && ops.packed && I <= kNarrowDwIhMaxI;
-  p.bf16 = ops.bf16 && p.packed && H % 2 == 0;
+  p.bf16 = p.packed && bf16_products(ops, is_float, H);
   if (p.bf16) p.dx_packed = p.dw_ih_narrow = false;
   // bf16: chunks by size only (chunk_steps without its L2 rule): the weight GEMMs are oneDNN
   // calls, a few per chunk, and at (32, 35, 28, 256) L2-sized chunks of 5 steps made 7 rounds of them.
