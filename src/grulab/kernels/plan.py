@@ -60,7 +60,8 @@ def plan(T: int, B: int, I: int, H: int, *, train: bool = False, dtype: torch.dt
     result: dict = {"shape": {"T": T, "B": B, "I": I, "H": H}, "train": train,
                     "dtype": str(dtype).replace("torch.", ""), "reset_after": reset_after, "impl": impl,
                     "autocast": autocast, "cpu": kernels.cpu_model()}
-    # impl="auto" on the CPU measures the first native kernel, fused-torch and torch.nn.GRU's own
+    # impl="auto" on the CPU measures the first native kernel (under autocast every bf16 one and the
+    # float32 one: autotune.candidates), fused-torch and torch.nn.GRU's own
     shown = [k for k in kernels.KERNELS if k.impl == "fused" or (impl == "auto" and k.impl == "torch")]
     candidates = [{"kernel": k.name, "runs": k.why_not(query) is None, "why_not": k.why_not(query), "doc": k.doc}
                   for k in shown]
