@@ -484,6 +484,19 @@ def test_amx_self_check_emulated():
 
 
 @needs_bf16
+def test_the_tiles_are_checked_against_the_vdpbf16ps_loops_before_use():
+    """native-amx's last why_not check (kernels.tiles_disagree, run once where the CPU has AMX): the
+    emulated tiles pass it; loops that compute otherwise (float32 products instead of bf16) fail it,
+    with a reason that names the result and the shape."""
+    from grulab.kernels import native
+
+    mod = native.load()
+    assert kernels.tiles_disagree(mod, "amx-emulated") is None
+    why = kernels.tiles_disagree(mod, "avx512bf16", "avx512")
+    assert why is not None and "disagree with avx512's" in why and "(T, B, I, H) = (3, 20, 37, 80)" in why, why
+
+
+@needs_bf16
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("reset_after", [True, False])
 @pytest.mark.parametrize("shape", AMX_SHAPES, ids=AMX_IDS)

@@ -49,6 +49,7 @@ RuntimeError that says why.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -95,9 +96,11 @@ def _bf16_dtypes(q: Query) -> Optional[str]:
 
 
 def _native(isa: str, dtypes: Callable[[Query], Optional[str]] = _float_dtypes,
-            lacks: Optional[str | Callable[[Any], str]] = None) -> Callable[[Query], Optional[str]]:
+            lacks: Optional[str | Callable[[Any], str]] = None,
+            verify: Optional[Callable[[Any], Optional[str]]] = None) -> Callable[[Query], Optional[str]]:
     """why_not of the native table ``isa``: ``dtypes`` says which calls it takes, ``lacks`` what a CPU
-    without ``isa`` is told (default: "this CPU lacks ISA"; a function of the native module: its answer)."""
+    without ``isa`` is told (default: "this CPU lacks ISA"; a function of the native module: its answer),
+    ``verify`` (a function of the native module, cached) why a CPU that has ``isa`` still may not run it."""
     def why_not(q: Query) -> Optional[str]:  # every reason, not just the first
         reasons = []
         if q.device != "cpu":
@@ -109,6 +112,8 @@ def _native(isa: str, dtypes: Callable[[Query], Optional[str]] = _float_dtypes,
             reasons.append(f"native extension unavailable ({native.error()})")
         elif not mod.cpu_supports(isa):
             reasons.append((lacks(mod) if callable(lacks) else lacks) or f"this CPU lacks {isa.upper()}")
+        elif verify is not None and (failed := verify(mod)) is not None:
+            reasons.append(failed)
         return "; ".join(reasons) or None
 
     return why_not
@@ -118,6 +123,38 @@ def has_bf16_units() -> bool:
     """Whether this CPU runs the bf16 kernel (AVX512-BF16; CPUs with AMX have it too)."""
     mod = native.load()
     return mod is not None and bool(mod.cpu_supports("avx512bf16"))
+
+
+@functools.cache
+def tiles_disagree(mod: Any, isa: str = "amx", yardstick: str = "avx512bf16") -> Optional[str]:
+    """Why the native table ``isa`` is not trusted on this CPU, or None: once per process, before
+    its first call, two small layers (forward and backward, both cell forms, 16 batch rows and 4
+    past them, column tails) run on it and on ``yardstick``'s loops, which compute the same bf16
+    products with their float32 sums in another order. Every result must agree within 3e-3 of its
+    largest entry (the tests' bound). The AMX loops are tested on tiles emulated in software on
+    every CPU with AVX512-BF16; this check is what stands between a user and real tiles that
+    compute otherwise (a few ms, where the CPU has AMX)."""
+    T, B, I, H = 3, 20, 37, 80  # (T, B, I, H): rows past a 16-row tile, I and H off the tiles' 32
+    g = torch.Generator().manual_seed(0)
+    x, go = torch.randn(T, B, I, generator=g), torch.randn(T, B, H, generator=g)  # (T, B, I), (T, B, H)
+    h0 = torch.randn(B, H, generator=g)
+    w_ih, w_hh = torch.randn(3 * H, I, generator=g) / I ** 0.5, torch.randn(3 * H, H, generator=g) / H ** 0.5
+    b_ih, b_hh = torch.randn(3 * H, generator=g), torch.randn(3 * H, generator=g)
+    names = ("output", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
+    for reset_after in (True, False):
+        results = []
+        for table in (isa, yardstick):
+            out, _, saved = mod.forward(x, h0, w_ih, w_hh, b_ih, b_hh, reset_after, True, table, 2)
+            grads = mod.backward(go, None, x, h0, w_ih, w_hh, out, saved, reset_after,
+                                 True, True, True, True, table, 2, 0)
+            results.append((out, *grads))
+        for name, got, want in zip(names, *results):
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            if not err <= 3e-3:  # NaN fails too
+                return (f"its loops disagree with {yardstick}'s on a test layer ({name} off by {err:.1e} of its "
+                        f"largest entry at (T, B, I, H) = {(T, B, I, H)}, reset_after={reset_after}); "
+                        f"please report this CPU (grulab kernels prints it)")
+    return None
 
 
 def _fused_torch(q: Query) -> Optional[str]:
@@ -130,7 +167,7 @@ def _torch(q: Query) -> Optional[str]:
 
 KERNELS: tuple[Kernel, ...] = (
     Kernel("native-amx", "fused", "AVX-512 loops with bf16 products on AMX tiles (tdpbf16ps), float32 state",
-           _native("amx", _bf16_dtypes, lambda mod: mod.amx_unavailable()), bf16=True),
+           _native("amx", _bf16_dtypes, lambda mod: mod.amx_unavailable(), tiles_disagree), bf16=True),
     Kernel("native-avx512bf16", "fused", "AVX-512 loops with bf16 products (vdpbf16ps), float32 state",
            _native("avx512bf16", _bf16_dtypes, "this CPU has no bf16 units (AVX512-BF16)"), bf16=True),
     Kernel("native-avx512", "fused", "C++ loops compiled for AVX-512", _native("avx512")),
