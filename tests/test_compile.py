@@ -106,3 +106,43 @@ def test_export_language_model_and_generation_step():
 
     step_prog = torch.export.export(Step(), (x, h))
     torch.testing.assert_close(step_prog.module()(x, h), Step()(x, h))
+
+
+def _named_kernel(prog, name):
+    """Make every grulab node of ``prog`` name ``name`` as its kernel (what an export on another CPU writes)."""
+    for node in prog.graph.nodes:
+        if "grulab." in str(node.target):
+            node.args = (*node.args[:-1], name)
+    prog.graph_module.recompile()
+    return prog
+
+
+def test_a_program_exported_on_another_cpu_runs_here(tmp_path):
+    """The operator's kernel argument is the exporting CPU's choice. A .pt2 that names a native kernel
+    this CPU cannot run (native-amx from a Sapphire Rapids; native-avx512 on a Zen 3) runs the first
+    native kernel here that computes the same (bf16 for a bf16 name where the CPU has bf16 units), and
+    says so once, instead of failing."""
+    from grulab import kernels
+
+    mod = grulab.kernels.native.load()
+    foreign = [k for k in kernels.KERNELS if k.name.startswith("native-") and mod is not None
+               and not mod.cpu_supports(k.name[len("native-"):])]
+    if not foreign:
+        pytest.skip("this CPU runs every native kernel")
+    torch.manual_seed(0)
+    model = Tagger(reset_after=True).eval()
+    x, h0 = torch.randn(3, 7, 6), torch.randn(4, 3, 16)
+    with torch.no_grad():
+        want = model(x, h0)
+    for k in foreign:
+        grulab.kernels.fused._TIERS.clear()
+        path = tmp_path / f"{k.name}.pt2"
+        torch.export.save(_named_kernel(torch.export.export(model, (x, h0)), k.name), path)
+        here, _ = kernels.first_native(kernels.Query(autocast=k.bf16))
+        with pytest.warns(RuntimeWarning, match=f"names the GRU kernel {k.name}, which cannot run here .*running {here}"):
+            got = torch.export.load(path).module()(x, h0)
+        same = _named_kernel(torch.export.load(path), here).module()(x, h0)
+        for a, b, c in zip(got, same, want):
+            assert torch.equal(a, b)  # exactly what the kernel chosen here computes
+            torch.testing.assert_close(a, c, rtol=0, atol=3e-2 if k.bf16 else 1e-5)
+    grulab.kernels.fused._TIERS.clear()

@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -393,12 +394,29 @@ def _as_float(*tensors):
 
 
 def _tier(kernel: str):
-    """(tier, extra args) for a fused kernel name from grulab.kernels."""
+    """(tier, extra args) for a fused kernel name from grulab.kernels.
+
+    The name comes from the operator's ``kernel`` argument, which a graph made by torch.export
+    (or torch.compile's caches) carries to whatever CPU runs it. A native kernel this CPU cannot
+    run (a program exported on a Sapphire Rapids names native-amx; on an AMD Zen 3 even
+    native-avx512 is out) is replaced, with one warning, by the first native kernel here that
+    computes the same: a bf16 one for a bf16 name where this CPU has bf16 units, else float32,
+    as autocast falls back; fused-torch where no native kernel runs."""
     if kernel == "fused-torch":
         return _TorchTier, ()
-    if kernel.startswith("native-"):
-        return _NativeTier, (kernel[len("native-"):],)
-    raise ValueError(f"{kernel!r} is not a fused GRU kernel")
+    if not kernel.startswith("native-") or kernels.BY_NAME.get(kernel) is None:
+        raise ValueError(f"{kernel!r} is not a fused GRU kernel")
+    mod = native.load()
+    isa = kernel[len("native-"):]
+    if mod is not None and mod.cpu_supports(isa):
+        return _NativeTier, (isa,)
+    query = kernels.Query(autocast=kernels.BY_NAME[kernel].bf16)
+    here, _ = kernels.first_native(query)
+    why = kernels.BY_NAME[kernel].why_not(query)
+    warnings.warn(f"grulab: this call names the GRU kernel {kernel}, which cannot run here ({why}); "
+                  f"running {here or 'fused-torch'} instead (the same function; a graph exported "
+                  f"on another CPU names that CPU's kernel)", RuntimeWarning, stacklevel=2)
+    return _tier(here) if here is not None else (_TorchTier, ())
 
 
 def native_available() -> bool:
