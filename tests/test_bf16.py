@@ -453,6 +453,8 @@ def test_forced_bf16_kernel_under_autocast(monkeypatch):
 # every such CPU; the real tiles where the CPU has them.
 
 HAS_AMX = CHOSEN == AMX
+# CPUID, the OS's grant and the tiles' known product, before the check against the vdpbf16ps loops
+HAS_AMX_UNITS = kernels.native.load() is not None and kernels.native.load().amx_unavailable() == ""
 
 
 def native_case(T, B, I, H, reset_after, isa, threads=2, seed=0):
@@ -494,6 +496,15 @@ def test_the_tiles_are_checked_against_the_vdpbf16ps_loops_before_use():
     assert kernels.tiles_disagree(mod, "amx-emulated") is None
     why = kernels.tiles_disagree(mod, "avx512bf16", "avx512")
     assert why is not None and "disagree with avx512's" in why and "(T, B, I, H) = (3, 20, 37, 80)" in why, why
+
+
+@pytest.mark.skipif(not HAS_AMX_UNITS, reason="this CPU has no AMX-BF16 tiles (or the OS did not grant them)")
+def test_real_tiles_pass_the_check_before_use():
+    """Where the CPU has the tiles, they must pass that check: a failure would quietly hand the calls
+    to native-avx512bf16 (users safe, AMX lost), so here it is loud."""
+    from grulab.kernels import native
+
+    assert kernels.tiles_disagree(native.load()) is None
 
 
 @needs_bf16
