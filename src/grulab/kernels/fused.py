@@ -406,13 +406,11 @@ def _tier(kernel: str):
         return _TorchTier, ()
     if not kernel.startswith("native-") or kernels.BY_NAME.get(kernel) is None:
         raise ValueError(f"{kernel!r} is not a fused GRU kernel")
-    mod = native.load()
-    isa = kernel[len("native-"):]
-    if mod is not None and mod.cpu_supports(isa):
-        return _NativeTier, (isa,)
-    query = kernels.Query(autocast=kernels.BY_NAME[kernel].bf16)
+    query = kernels.Query(autocast=kernels.BY_NAME[kernel].bf16)  # a float32 call it takes
+    why = kernels.BY_NAME[kernel].why_not(query)  # this CPU's (and native-amx's tiles' check)
+    if why is None:
+        return _NativeTier, (kernel[len("native-"):],)
     here, _ = kernels.first_native(query)
-    why = kernels.BY_NAME[kernel].why_not(query)
     warnings.warn(f"grulab: this call names the GRU kernel {kernel}, which cannot run here ({why}); "
                   f"running {here or 'fused-torch'} instead (the same function; a graph exported "
                   f"on another CPU names that CPU's kernel)", RuntimeWarning, stacklevel=2)
