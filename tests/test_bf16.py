@@ -454,7 +454,7 @@ def test_forced_bf16_kernel_under_autocast(monkeypatch):
 
 HAS_AMX = CHOSEN == AMX
 # CPUID, the OS's grant and the tiles' known product, before the check against the vdpbf16ps loops
-HAS_AMX_UNITS = kernels.native.load() is not None and kernels.native.load().amx_unavailable() == ""
+HAS_AMX_UNITS = (_mod := kernels.native.load()) is not None and _mod.amx_unavailable() == ""
 
 
 def native_case(T, B, I, H, reset_after, isa, threads=2, seed=0):

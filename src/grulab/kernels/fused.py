@@ -404,10 +404,11 @@ def _tier(kernel: str):
     as autocast falls back; fused-torch where no native kernel runs."""
     if kernel == "fused-torch":
         return _TorchTier, ()
-    if not kernel.startswith("native-") or kernels.BY_NAME.get(kernel) is None:
+    named = kernels.BY_NAME.get(kernel)
+    if named is None or not kernel.startswith("native-"):
         raise ValueError(f"{kernel!r} is not a fused GRU kernel")
-    query = kernels.Query(autocast=kernels.BY_NAME[kernel].bf16)  # a float32 call it takes
-    why = kernels.BY_NAME[kernel].why_not(query)  # this CPU's (and native-amx's tiles' check)
+    query = kernels.Query(autocast=named.bf16)  # a float32 call it takes
+    why = named.why_not(query)  # this CPU's (and native-amx's tiles' check)
     if why is None:
         return _NativeTier, (kernel[len("native-"):],)
     here, _ = kernels.first_native(query)
